@@ -1,0 +1,1 @@
+"""Autoscaling policy and capacity math (session counts + p95 latency). See issue 4."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployments wrapping the model backends of `models/`."""

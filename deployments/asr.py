@@ -1,0 +1,41 @@
+"""ASR deployment: faster-whisper (tiny.en int8 embedded on CPU; a large model on CUDA)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ray import serve
+
+from deployments.common import ServiceTimes, limit_threads, warmup_audio
+from models.asr import WhisperASR
+from models.audio import pcm16_to_float
+
+
+@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
+class ASR:
+    def __init__(self, model: str | None = None, device: str = "cpu", compute_type: str = "int8") -> None:
+        limit_threads()
+        self.model = WhisperASR(model, device=device, compute_type=compute_type)
+        self.times = ServiceTimes()
+        self._lock = asyncio.Lock()  # one utterance at a time per replica: CTranslate2 has one worker
+        self.model.transcribe(warmup_audio())  # first call allocates; keep it out of the first turn
+
+    async def transcribe(self, pcm16: bytes, prompt: str | None = None, partial: bool = False) -> dict:
+        """Transcribe a whole utterance. A `partial` (speculative, mid-speech) request is skipped when
+        the model is busy, so it never delays the final transcript that a turn waits for."""
+        if partial and self._lock.locked():
+            return {"text": None, "skipped": True, "audio_s": len(pcm16) / 32000, "ms": 0.0}
+        t0 = time.perf_counter()
+        self.times.in_flight += 1
+        try:
+            async with self._lock:
+                result = await asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt)
+        finally:
+            self.times.in_flight -= 1
+        ms = (time.perf_counter() - t0) * 1000
+        self.times.add(ms)
+        return {"text": result.text, "audio_s": result.audio_s, "ms": ms}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.times.stats()

@@ -1,0 +1,51 @@
+"""What every model deployment shares: thread limits and a p95 window for autoscaling stats."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import numpy as np
+
+ONE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+    "CT2_INTER_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def limit_threads() -> None:
+    """Give ONNX Runtime, torch, numba and BLAS one thread each (2-core boxes thrash otherwise)."""
+    for k, v in ONE_THREAD_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # torch is optional at run time
+        pass
+
+
+def warmup_audio(seconds: float = 1.0) -> np.ndarray:
+    """Low noise to run a model once at start-up (first calls allocate and are slow)."""
+    return (np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.01).astype(np.float32)
+
+
+class ServiceTimes:
+    """Rolling service times (ms) over a look-back window; feeds record_autoscaling_stats()."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.in_flight = 0
+
+    def add(self, ms: float) -> None:
+        self._samples.append((time.monotonic(), ms))
+
+    def p95(self) -> float:
+        cutoff = time.monotonic() - self.window_s
+        values = [ms for t, ms in self._samples if t >= cutoff]
+        return float(np.percentile(values, 95)) if values else 0.0
+
+    def stats(self) -> dict[str, float]:
+        return {"p95_service_ms": self.p95(), "in_flight": float(self.in_flight)}

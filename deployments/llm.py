@@ -1,0 +1,62 @@
+"""LLM deployment: streams reply tokens from the configured backend or a persona's own endpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from deployments.common import ServiceTimes, limit_threads
+from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM
+
+
+def make_backend(kind: str, **kw):
+    """`llamacpp` (embedded GGUF), `openai` (base_url/api_key/model) or `vllm` (GPU, lazy import)."""
+    if kind == "llamacpp":
+        return EmbeddedLlamaCpp(**kw)
+    if kind == "openai":
+        return OpenAICompatibleLLM(**kw)
+    if kind == "vllm":
+        from models.llm import VLLMEngine
+
+        return VLLMEngine(**kw)
+    raise ValueError(f"unknown LLM backend {kind!r}")
+
+
+@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
+class LLM:
+    def __init__(self, backend: str = "llamacpp", backend_args: dict | None = None) -> None:
+        limit_threads()
+        self.backend = make_backend(backend, **(backend_args or {}))
+        self._external: dict[tuple, OpenAICompatibleLLM] = {}
+        self.ttft = ServiceTimes()
+        if hasattr(self.backend, "warmup"):
+            self.backend.warmup()
+
+    def _backend_for(self, endpoint: dict | None):
+        if not endpoint or not endpoint.get("base_url"):
+            return self.backend
+        key = (endpoint["base_url"], endpoint.get("api_key"), endpoint.get("model"))
+        if key not in self._external:
+            self._external[key] = OpenAICompatibleLLM(endpoint["base_url"], endpoint.get("api_key"),
+                                                      endpoint.get("model") or "default")
+        return self._external[key]
+
+    async def stream(self, messages: list[dict], params: dict | None = None,
+                     endpoint: dict | None = None) -> AsyncIterator[str]:
+        """Yields text pieces as they are generated. Cancelling the call stops generation."""
+        t0 = time.perf_counter()
+        first = True
+        self.ttft.in_flight += 1
+        try:
+            async for piece in self._backend_for(endpoint).stream(messages, GenerationParams(**(params or {}))):
+                if first:
+                    self.ttft.add((time.perf_counter() - t0) * 1000)
+                    first = False
+                yield piece
+        finally:
+            self.ttft.in_flight -= 1
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.ttft.stats()

@@ -1,0 +1,37 @@
+"""TTS deployment: one clause in, its audio and phoneme/word timings out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ray import serve
+
+from deployments.common import ServiceTimes, limit_threads
+from models.audio import float_to_pcm16
+from models.tts import PiperTTS
+
+
+@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
+class TTS:
+    def __init__(self, use_cuda: bool = False) -> None:
+        limit_threads()
+        self.model = PiperTTS(use_cuda=use_cuda)
+        self.times = ServiceTimes()
+        self._lock = asyncio.Lock()
+        self.model.synthesize("Hello there.")
+
+    async def synthesize(self, text: str, speed: float = 1.0) -> dict:
+        t0 = time.perf_counter()
+        async with self._lock:
+            speech = await asyncio.to_thread(self.model.synthesize, text)
+        ms = (time.perf_counter() - t0) * 1000
+        self.times.add(ms)
+        return {
+            "text": text, "pcm16": float_to_pcm16(speech.audio).tobytes(), "sample_rate": speech.sample_rate,
+            "phonemes": [(p, float(a), float(b)) for p, a, b in speech.phonemes],
+            "words": [(w, float(a), float(b)) for w, a, b in speech.words], "ms": ms,
+        }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.times.stats()

@@ -1,0 +1,39 @@
+"""TurnTaking deployment: smart-turn v3.2 end-of-turn probability, batched across sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from ray import serve
+
+from deployments.common import ServiceTimes, limit_threads, warmup_audio
+from models.audio import pcm16_to_float
+from models.turn import SmartTurn, fuse
+
+
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+class TurnTaking:
+    def __init__(self, threshold: float = 0.5) -> None:
+        limit_threads()
+        self.model = SmartTurn()
+        self.threshold = threshold
+        self.times = ServiceTimes()
+        self.model.probability(warmup_audio())
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.003)
+    async def _probabilities(self, clips: list[np.ndarray]) -> list[float]:
+        return list(await asyncio.to_thread(self.model.probability_batch, clips))
+
+    async def predict(self, pcm16: bytes, transcript: str = "") -> dict:
+        """P(turn complete) for 16 kHz int16 audio (the end of the user's speech), fused with text."""
+        t0 = time.perf_counter()
+        p = await self._probabilities(pcm16_to_float(pcm16))
+        decision = fuse(float(p), transcript, self.threshold)
+        self.times.add((time.perf_counter() - t0) * 1000)
+        return {"complete": decision.complete, "probability": decision.probability,
+                "audio_probability": decision.audio_probability, "reason": decision.reason}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.times.stats()

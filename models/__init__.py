@@ -1,0 +1,1 @@
+"""Pure model code for Presence: numpy / onnxruntime / torch, no Ray."""

@@ -1,0 +1,1 @@
+"""The Gaussian-splat avatar: a procedural head, its linear rig, rasterisers and animation."""

@@ -1,0 +1,177 @@
+"""CPU Gaussian-splat rasteriser: the maths of gsplat's rasterization() (EWA projection, tiles,
+depth order, front-to-back alpha compositing), projection vectorised in numpy, compositing in numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from models.avatar.camera import Camera
+
+EPS2D = 0.3  # low-pass added to each 2D covariance, as gsplat does (antialiased=False)
+ALPHA_MIN = 1.0 / 255.0
+ALPHA_MAX = 0.999
+T_MIN = 1e-4
+TILE = 16
+
+
+def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01):
+    """EWA projection of world Gaussians: 2D means, conics (a, b, c), radii (px), depths.
+
+    Equivalent to gsplat's fully-fused projection for a pinhole camera; radius is 3 sigma of the
+    larger eigenvalue. Gaussians behind `near` get radius 0.
+    """
+    R = cam.viewmat[:3, :3].astype(np.float32)
+    t = cam.viewmat[:3, 3].astype(np.float32)
+    pc = means @ R.T + t
+    x, y, z = pc[:, 0], pc[:, 1], np.maximum(pc[:, 2], 1e-6)
+    cov_c = np.einsum("ij,njk,lk->nil", R, covs, R)
+    # Clamp x/z, y/z to 30% beyond the image, as gsplat does, to keep J well-behaved near the edges.
+    tx = np.clip(x / z, -(cam.cx + 0.3 * cam.width) / cam.fx, (cam.width - cam.cx + 0.3 * cam.width) / cam.fx) * z
+    ty = np.clip(y / z, -(cam.cy + 0.3 * cam.height) / cam.fy, (cam.height - cam.cy + 0.3 * cam.height) / cam.fy) * z
+    n = means.shape[0]
+    J = np.zeros((n, 2, 3), dtype=np.float32)
+    J[:, 0, 0] = cam.fx / z
+    J[:, 0, 2] = -cam.fx * tx / (z * z)
+    J[:, 1, 1] = cam.fy / z
+    J[:, 1, 2] = -cam.fy * ty / (z * z)
+    cov2 = np.einsum("nij,njk,nlk->nil", J, cov_c, J)
+    a = cov2[:, 0, 0] + EPS2D
+    b = cov2[:, 0, 1]
+    c = cov2[:, 1, 1] + EPS2D
+    det = a * c - b * b
+    ok = (det > 0) & (pc[:, 2] > near)
+    inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+    conics = np.stack([c * inv_det, -b * inv_det, a * inv_det], axis=1).astype(np.float32)
+    mid = 0.5 * (a + c)
+    lam = mid + np.sqrt(np.maximum(0.1, mid * mid - det))
+    radii = np.where(ok, np.ceil(3.0 * np.sqrt(lam)), 0).astype(np.int32)
+    means2d = np.stack([cam.fx * x / z + cam.cx, cam.fy * y / z + cam.cy], axis=1).astype(np.float32)
+    return means2d, conics, radii, pc[:, 2].astype(np.float32)
+
+
+@njit(cache=True, nogil=True)
+def _composite(means2d, conics, colors, opacities, radii, order, width, height, bg, out):
+    tiles_x = (width + TILE - 1) // TILE
+    tiles_y = (height + TILE - 1) // TILE
+    n_tiles = tiles_x * tiles_y
+    counts = np.zeros(n_tiles + 1, dtype=np.int64)
+    # Pass 1: how many Gaussians touch each tile (bounding box of the 3-sigma radius).
+    for k in range(order.shape[0]):
+        g = order[k]
+        r = radii[g]
+        if r <= 0:
+            continue
+        x0 = max(0, int((means2d[g, 0] - r) // TILE)); x1 = min(tiles_x - 1, int((means2d[g, 0] + r) // TILE))
+        y0 = max(0, int((means2d[g, 1] - r) // TILE)); y1 = min(tiles_y - 1, int((means2d[g, 1] + r) // TILE))
+        for ty in range(y0, y1 + 1):
+            for tx in range(x0, x1 + 1):
+                counts[ty * tiles_x + tx + 1] += 1
+    for i in range(n_tiles):
+        counts[i + 1] += counts[i]
+    lists = np.empty(counts[n_tiles], dtype=np.int32)
+    fill = counts[:n_tiles].copy()
+    # Pass 2: per-tile lists in depth order (we walk Gaussians front to back).
+    for k in range(order.shape[0]):
+        g = order[k]
+        r = radii[g]
+        if r <= 0:
+            continue
+        x0 = max(0, int((means2d[g, 0] - r) // TILE)); x1 = min(tiles_x - 1, int((means2d[g, 0] + r) // TILE))
+        y0 = max(0, int((means2d[g, 1] - r) // TILE)); y1 = min(tiles_y - 1, int((means2d[g, 1] + r) // TILE))
+        for ty in range(y0, y1 + 1):
+            for tx in range(x0, x1 + 1):
+                t = ty * tiles_x + tx
+                lists[fill[t]] = g
+                fill[t] += 1
+    T = np.empty((TILE, TILE), dtype=np.float32)
+    acc = np.empty((TILE, TILE, 3), dtype=np.float32)
+    for t in range(n_tiles):
+        ox = (t % tiles_x) * TILE
+        oy = (t // tiles_x) * TILE
+        w = min(TILE, width - ox)
+        h = min(TILE, height - oy)
+        T[:, :] = 1.0
+        acc[:, :, :] = 0.0
+        alive = w * h
+        for k in range(counts[t], counts[t + 1]):
+            g = lists[k]
+            mx = means2d[g, 0]; my = means2d[g, 1]
+            ca = conics[g, 0]; cb = conics[g, 1]; cc = conics[g, 2]
+            op = opacities[g]
+            # Tight box where alpha can exceed 1/255: sigma^2 * 2 ln(255 op) along each axis.
+            ext = 2.0 * np.log(max(op * 255.0, 1.0))
+            if ext <= 0.0:
+                continue
+            det = ca * cc - cb * cb
+            if det <= 0.0:
+                continue
+            r = radii[g]
+            hx = min(np.sqrt(ext * cc / det), r)
+            hy = min(np.sqrt(ext * ca / det), r)
+            px0 = max(0, int(np.ceil(mx - hx - 0.5)) - ox); px1 = min(w - 1, int(np.floor(mx + hx - 0.5)) - ox)
+            py0 = max(0, int(np.ceil(my - hy - 0.5)) - oy); py1 = min(h - 1, int(np.floor(my + hy - 0.5)) - oy)
+            cr = colors[g, 0]; cg = colors[g, 1]; cbl = colors[g, 2]
+            for py in range(py0, py1 + 1):
+                dy = oy + py + 0.5 - my
+                for px in range(px0, px1 + 1):
+                    tr = T[py, px]
+                    if tr < T_MIN:
+                        continue
+                    dx = ox + px + 0.5 - mx
+                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < 0.0:
+                        continue
+                    alpha = min(ALPHA_MAX, op * np.exp(-sigma))
+                    if alpha < ALPHA_MIN:
+                        continue
+                    wgt = alpha * tr
+                    acc[py, px, 0] += wgt * cr
+                    acc[py, px, 1] += wgt * cg
+                    acc[py, px, 2] += wgt * cbl
+                    tr *= 1.0 - alpha
+                    T[py, px] = tr
+                    if tr < T_MIN:
+                        alive -= 1
+            if alive <= 0:
+                break
+        for py in range(h):
+            for px in range(w):
+                for ch in range(3):
+                    out[oy + py, ox + px, ch] = acc[py, px, ch] + T[py, px] * bg[ch]
+    return out
+
+
+def rasterize(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities: np.ndarray, cam: Camera,
+              background=(0.0, 0.0, 0.0), out: np.ndarray | None = None) -> np.ndarray:
+    """Render world-space Gaussians to an (H, W, 3) float32 image in [0, 1]."""
+    means2d, conics, radii, depths = project(means.astype(np.float32), covs.astype(np.float32), cam)
+    order = np.argsort(depths, kind="stable").astype(np.int32)
+    if out is None:
+        out = np.empty((cam.height, cam.width, 3), dtype=np.float32)
+    bg = np.asarray(background, dtype=np.float32)
+    return _composite(means2d, conics, colors.astype(np.float32), opacities.astype(np.float32), radii, order,
+                      cam.width, cam.height, bg, out)
+
+
+def rasterize_reference(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities: np.ndarray,
+                        cam: Camera, background=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Brute force: every pixel composites every Gaussian in depth order (tests only; slow)."""
+    means2d, conics, radii, depths = project(means, covs, cam)
+    order = np.argsort(depths, kind="stable")
+    ys, xs = np.mgrid[0:cam.height, 0:cam.width].astype(np.float64) + 0.5
+    T = np.ones((cam.height, cam.width))
+    img = np.zeros((cam.height, cam.width, 3))
+    for g in order:
+        if radii[g] <= 0:
+            continue
+        dx, dy = xs - means2d[g, 0], ys - means2d[g, 1]
+        a, b, c = conics[g]
+        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+        alpha = np.minimum(ALPHA_MAX, opacities[g] * np.exp(-sigma))
+        inside = (np.abs(dx) <= radii[g]) & (np.abs(dy) <= radii[g])
+        alpha = np.where(inside & (sigma >= 0) & (alpha >= ALPHA_MIN) & (T >= T_MIN), alpha, 0.0)
+        img += (alpha * T)[..., None] * colors[g]
+        T = T * (1 - alpha)
+    return (img + T[..., None] * np.asarray(background)).astype(np.float32)

@@ -1,0 +1,78 @@
+"""Pose the rigged head for one frame and render it (CPU rasteriser; gsplat on CUDA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.avatar.camera import Camera, portrait_camera
+from models.avatar.gaussians import covariances
+from models.avatar.head import CHANNELS, PIVOT, Head
+from models.avatar.raster_cpu import rasterize
+
+BACKGROUND = (0.86, 0.88, 0.9)
+
+
+@dataclass
+class Pose:
+    """Everything that changes per frame: rig weights and rigid head rotation (radians)."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(len(CHANNELS), np.float32))
+    yaw: float = 0.0
+    pitch: float = 0.0
+    roll: float = 0.0
+
+    def set(self, **w: float) -> Pose:
+        for name, value in w.items():
+            self.weights[CHANNELS.index(name)] = value
+        return self
+
+
+def euler_to_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return (ry @ rx @ rz).astype(np.float32)
+
+
+class PosedHead:
+    """Applies the linear rig and head pose: world-space means and covariances for a frame."""
+
+    def __init__(self, head: Head) -> None:
+        self.head = head
+        n = len(head)
+        self._deltas = head.deltas.reshape(len(CHANNELS), n * 3)
+        self._base = head.splats.means.astype(np.float32)
+        self._covs = covariances(head.splats.quats, head.splats.scales).astype(np.float32)
+        self._rigid = head.head_weight > 0.5
+        self._hw = head.head_weight[:, None].astype(np.float32)
+
+    def __call__(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+        means = self._base + (pose.weights.astype(np.float32) @ self._deltas).reshape(-1, 3)
+        if pose.yaw == 0.0 and pose.pitch == 0.0 and pose.roll == 0.0:
+            return means, self._covs
+        R = euler_to_matrix(pose.yaw, pose.pitch, pose.roll)
+        rotated = (means - PIVOT) @ R.T + PIVOT
+        means = means + self._hw * (rotated - means)
+        covs = self._covs.copy()
+        covs[self._rigid] = R @ self._covs[self._rigid] @ R.T
+        return means, covs
+
+
+class CPUAvatarRenderer:
+    """Renders one head at a fixed resolution on the CPU; returns uint8 RGB frames."""
+
+    def __init__(self, head: Head, width: int = 256, height: int = 256) -> None:
+        self.posed = PosedHead(head)
+        self.camera: Camera = portrait_camera(width, height)
+        s = head.splats
+        self._colors = s.colors.astype(np.float32)
+        self._opac = s.opacities.astype(np.float32)
+        self._buf = np.empty((height, width, 3), np.float32)
+
+    def render(self, pose: Pose) -> np.ndarray:
+        means, covs = self.posed(pose)
+        img = rasterize(means, covs, self._colors, self._opac, self.camera, BACKGROUND, out=self._buf)
+        return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

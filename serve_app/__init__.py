@@ -1,0 +1,1 @@
+"""Presence's Serve application: REST ingress, session hosts, per-session pipeline, web client."""

@@ -1,0 +1,321 @@
+"""REST ingress (FastAPI on Serve): personas, conversations, WebRTC signalling, web client, metrics."""
+
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import generate_latest
+from pydantic import ValidationError
+from ray import serve
+
+from serve_app import metrics
+from serve_app.db import ConversationRow, PersonaRow, Store
+from serve_app.events import event, goes_to_callback
+from serve_app.schemas import DEFAULT_PERSONA, ConversationIn, OfferJSON, PersonaIn, PersonaPatch
+from serve_app.webhooks import WebhookSender
+
+log = logging.getLogger("presence.api")
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1 << 20  # 1 MiB: no JSON body or SDP offer is anywhere near this
+
+app = FastAPI(title="Presence", version="0.1.0",
+              description="Real-time AI humans: conversations, personas and replicas over WebRTC.")
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        return JSONResponse({"detail": f"body larger than {MAX_BODY} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+def persona_json(row: PersonaRow) -> dict:
+    data = dict(row.data)
+    layers = data.get("layers") or {}
+    if (layers.get("llm") or {}).get("api_key"):
+        layers = {**layers, "llm": {**layers["llm"], "api_key": "***"}}  # never echo secrets
+    return {"persona_id": row.persona_id, **data, "layers": layers,
+            "created_at": row.created_at, "updated_at": row.updated_at}
+
+
+def conversation_json(row: ConversationRow, base_url: str, with_token: bool = False) -> dict:
+    out = {
+        "conversation_id": row.conversation_id, "conversation_name": row.conversation_name,
+        "status": row.status, "conversation_url": f"{base_url}/c/{row.conversation_id}#t={row.meeting_token}",
+        "replica_id": row.replica_id, "persona_id": row.persona_id, "callback_url": row.callback_url,
+        "created_at": row.created_at, "ended_at": row.ended_at, "shutdown_reason": row.shutdown_reason,
+        "properties": row.data.get("properties", {}),
+    }
+    if with_token:
+        out["meeting_token"] = row.meeting_token
+    return out
+
+
+@serve.deployment(max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, session_host, api_keys: list[str] | None = None, max_sessions: int = 2,
+                 ice_servers: list[dict] | None = None, public_url: str | None = None,
+                 database_url: str | None = None, answer_timeout_s: float = 20.0) -> None:
+        keys = api_keys or [k for k in os.environ.get("PRESENCE_API_KEYS", "").split(",") if k]
+        if not keys:
+            raise ValueError("no API keys configured: set PRESENCE_API_KEYS or the ingress's api_keys")
+        self.api_keys = set(keys)
+        self.host = session_host
+        self.max_sessions = max_sessions
+        self.ice_servers = ice_servers or []
+        self.public_url = public_url
+        self.answer_timeout_s = answer_timeout_s
+        self.store = Store(database_url)
+        self.webhooks = WebhookSender()
+        self.live: dict[str, dict[str, Any]] = {}
+        self._starting = 0
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    def _base(self, request: Request) -> str:
+        return (self.public_url or str(request.base_url)).rstrip("/")
+
+    def _auth(self, key: str | None) -> None:
+        if not key or key not in self.api_keys:
+            raise HTTPException(401, "missing or invalid x-api-key")
+
+    def _conversation(self, conversation_id: str) -> ConversationRow:
+        row = self.store.get_conversation(conversation_id)
+        if row is None:
+            raise HTTPException(404, f"conversation {conversation_id} not found")
+        return row
+
+    def _persona_data(self, persona_id: str | None) -> dict:
+        if persona_id is None:
+            return DEFAULT_PERSONA.model_dump(mode="json")
+        row = self.store.get_persona(persona_id)
+        if row is None:
+            raise HTTPException(404, f"persona {persona_id} not found")
+        return row.data
+
+    # --- web client ------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index(self):
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/c/{conversation_id}", include_in_schema=False)
+    async def join_page(self, conversation_id: str):
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(self):
+        return {"ok": True, "live_sessions": len(self.live)}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(self):
+        return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
+
+    # --- personas -------------------------------------------------------------------------------------
+    @app.post("/v2/personas", status_code=200)
+    async def create_persona(self, body: PersonaIn, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        row = self.store.add_persona(body.model_dump(mode="json"))
+        return persona_json(row)
+
+    @app.get("/v2/personas")
+    async def list_personas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1),
+                            x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        rows, total = self.store.list_personas(limit, (page - 1) * limit)
+        return {"data": [persona_json(r) for r in rows], "total_count": total}
+
+    @app.get("/v2/personas/{persona_id}")
+    async def get_persona(self, persona_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        row = self.store.get_persona(persona_id)
+        if row is None:
+            raise HTTPException(404, f"persona {persona_id} not found")
+        return persona_json(row)
+
+    @app.patch("/v2/personas/{persona_id}")
+    async def patch_persona(self, persona_id: str, body: PersonaPatch, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        row = self.store.get_persona(persona_id)
+        if row is None:
+            raise HTTPException(404, f"persona {persona_id} not found")
+        merged = {**row.data, **body.model_dump(mode="json", exclude_unset=True)}
+        try:
+            data = PersonaIn(**merged).model_dump(mode="json")
+        except ValidationError as exc:
+            raise HTTPException(422, exc.errors(include_url=False)) from exc
+        return persona_json(self.store.update_persona(persona_id, data))
+
+    @app.delete("/v2/personas/{persona_id}", status_code=204)
+    async def delete_persona(self, persona_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        if not self.store.delete_persona(persona_id):
+            raise HTTPException(404, f"persona {persona_id} not found")
+        return Response(status_code=204)
+
+    # --- conversations -----------------------------------------------------------------------------------
+    @app.post("/v2/conversations")
+    async def create_conversation(self, body: ConversationIn, request: Request, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        self._persona_data(body.persona_id)  # 404 on an unknown persona, before anything is created
+        if len(self.live) + self._starting >= self.max_sessions:
+            metrics.REJECTED.inc()
+            return JSONResponse({"detail": f"all {self.max_sessions} session slots are busy; try again shortly",
+                                 "reason": "capacity"}, status_code=503, headers={"Retry-After": "10"})
+        row = self.store.add_conversation(
+            conversation_name=body.conversation_name, persona_id=body.persona_id, replica_id=body.replica_id or "r-stock",
+            meeting_token=secrets.token_urlsafe(24), callback_url=str(body.callback_url) if body.callback_url else None,
+            data=body.model_dump(mode="json", exclude={"callback_url"}), status="active")
+        return conversation_json(row, self._base(request), with_token=True)
+
+    @app.get("/v2/conversations")
+    async def list_conversations(self, request: Request, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1),
+                                 status: str | None = Query(None, pattern="^(active|ended)$"),
+                                 x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        rows, total = self.store.list_conversations(limit, (page - 1) * limit, status)
+        return {"data": [conversation_json(r, self._base(request)) for r in rows], "total_count": total}
+
+    @app.get("/v2/conversations/{conversation_id}")
+    async def get_conversation(self, conversation_id: str, request: Request, verbose: bool = False,
+                               x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        out = conversation_json(self._conversation(conversation_id), self._base(request))
+        out["transcript"] = self.store.transcript(conversation_id)
+        return out
+
+    @app.post("/v2/conversations/{conversation_id}/end")
+    async def end_conversation(self, conversation_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        row = self._conversation(conversation_id)
+        if row.status == "ended":
+            return {"conversation_id": conversation_id, "status": "ended"}
+        await self._end(conversation_id, "end_conversation_endpoint_hit")
+        return {"conversation_id": conversation_id, "status": "ended"}
+
+    @app.delete("/v2/conversations/{conversation_id}", status_code=204)
+    async def delete_conversation(self, conversation_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        self._conversation(conversation_id)
+        await self._end(conversation_id, "end_conversation_endpoint_hit")
+        self.store.delete_conversation(conversation_id)
+        return Response(status_code=204)
+
+    # --- WebRTC signalling (WHIP-style: POST the offer, 201 with the answer) -----------------------------------
+    @app.post("/v2/conversations/{conversation_id}/webrtc", status_code=201)
+    async def webrtc_offer(self, conversation_id: str, request: Request, authorization: str | None = Header(None)):
+        row = self._conversation(conversation_id)
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token or not secrets.compare_digest(token, row.meeting_token):
+            raise HTTPException(401, "missing or invalid join token (Authorization: Bearer <meeting_token>)")
+        if row.status != "active":
+            raise HTTPException(409, f"conversation is {row.status}")
+        if conversation_id in self.live:
+            raise HTTPException(409, "conversation already has a live media session")
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise HTTPException(413, "offer too large")
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype == "application/sdp":
+            sdp = raw.decode("utf-8", errors="replace")
+        elif ctype == "application/json":
+            try:
+                sdp = OfferJSON.model_validate_json(raw).sdp
+            except ValidationError as exc:
+                raise HTTPException(400, f"bad offer JSON: {exc.errors(include_url=False)}") from exc
+        else:
+            raise HTTPException(415, "send the SDP offer as application/sdp (or JSON {type: offer, sdp})")
+        if len(self.live) + self._starting >= self.max_sessions:
+            metrics.REJECTED.inc()
+            return JSONResponse({"detail": "no session capacity left", "reason": "capacity"}, status_code=503,
+                                headers={"Retry-After": "10"})
+        persona = self._persona_data(row.persona_id)
+        data = row.data
+        spec = {
+            "conversation_id": conversation_id, "offer_sdp": sdp, "persona": persona,
+            "conversational_context": data.get("conversational_context", ""),
+            "custom_greeting": data.get("custom_greeting"), "properties": data.get("properties", {}),
+            "ice_servers": self.ice_servers,
+        }
+        self._starting += 1
+        try:
+            gen = self.host.options(stream=True).run.remote(spec)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), timeout=self.answer_timeout_s)
+            except (TimeoutError, StopAsyncIteration):
+                gen.cancel()
+                return JSONResponse({"detail": "no session host answered in time", "reason": "capacity"},
+                                    status_code=503, headers={"Retry-After": "10"})
+        finally:
+            self._starting -= 1
+        if first["type"] == "error":
+            raise HTTPException(first.get("status", 400), first["detail"])
+        metrics.SESSIONS_TOTAL.inc()
+        self.live[conversation_id] = {"gen": gen, "started": time.time(), "reason": None}
+        metrics.LIVE_SESSIONS.set(len(self.live))
+        self.live[conversation_id]["task"] = asyncio.ensure_future(self._consume(conversation_id, gen, row.callback_url))
+        return Response(first["sdp"], status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/v2/conversations/{conversation_id}/webrtc"})
+
+    # --- the session's event stream ----------------------------------------------------------------------
+    async def _deliver(self, callback_url: str | None, ev: dict) -> None:
+        if callback_url and goes_to_callback(ev):
+            await self.webhooks.send(callback_url, ev)
+
+    async def _consume(self, cid: str, gen, callback_url: str | None) -> None:
+        reason = None
+        try:
+            async for item in gen:
+                ev = item["event"]
+                etype = ev["event_type"]
+                props = ev["properties"]
+                if etype == "conversation.utterance":
+                    self.store.add_utterance(cid, props["role"], props["speech"])
+                elif etype == "conversation.turn_timings":
+                    metrics.observe_turn(props["ms_from_speech_end"])
+                elif etype == "system.shutdown":
+                    reason = props.get("shutdown_reason")
+                await self._deliver(callback_url, ev)
+        except asyncio.CancelledError:
+            reason = self.live.get(cid, {}).get("reason") or "end_conversation_endpoint_hit"
+        except Exception as exc:  # the host died (or we cancelled it): the transcript so far is stored
+            log.warning("session %s stream failed: %s", cid, exc)
+            reason = "error"
+        finally:
+            await asyncio.shield(self._finalize(cid, reason, callback_url))
+
+    async def _finalize(self, cid: str, reason: str | None, callback_url: str | None) -> None:
+        entry = self.live.pop(cid, None)
+        metrics.LIVE_SESSIONS.set(len(self.live))
+        # An end we asked for wins over whatever the cancelled stream raised.
+        reason = (entry or {}).get("reason") or reason or "error"
+        metrics.SHUTDOWNS.labels(reason=reason).inc()
+        already = self.store.get_conversation(cid)
+        self.store.set_status(cid, "ended", reason)
+        if already is not None and entry and entry.get("reason"):
+            # The host could not say it (we cancelled its stream): the callback still hears it.
+            await self._deliver(callback_url, event(cid, "system.shutdown", shutdown_reason=reason))
+        await self._deliver(callback_url, event(cid, "application.transcription_ready",
+                                                transcript=self.store.transcript(cid)))
+
+    async def _end(self, cid: str, reason: str) -> None:
+        entry = self.live.get(cid)
+        if entry is None:
+            self.store.set_status(cid, "ended", reason)
+            return
+        entry["reason"] = reason
+        entry["gen"].cancel()
+        entry["task"].cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(entry["task"]), timeout=10)
+        except (TimeoutError, asyncio.CancelledError):
+            pass

@@ -1,0 +1,24 @@
+"""Builds the Presence application graph from a profile's arguments (used by configs/*.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.asr import ASR
+from deployments.llm import LLM
+from deployments.tts import TTS
+from deployments.turn_taking import TurnTaking
+from serve_app.api import Ingress
+from serve_app.session_host import SessionHost
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """args: asr, llm, tts, turn (init kwargs for each model deployment), video, ingress."""
+    turn = TurnTaking.bind(**args.get("turn", {}))
+    asr = ASR.bind(**args.get("asr", {}))
+    llm = LLM.bind(**args.get("llm", {}))
+    tts = TTS.bind(**args.get("tts", {}))
+    host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}))
+    return Ingress.bind(host, **args.get("ingress", {}))

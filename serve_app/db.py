@@ -1,0 +1,169 @@
+"""Persistence through SQLAlchemy: personas, conversations and transcripts.
+
+SQLite file by default; set DATABASE_URL (e.g. postgresql+psycopg://...) for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:12]
+
+
+class PersonaRow(Base):
+    __tablename__ = "personas"
+    persona_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    persona_name: Mapped[str] = mapped_column(String(200))
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+    conversation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversation_name: Mapped[str] = mapped_column(String(200), default="")
+    persona_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    replica_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    meeting_token: Mapped[str] = mapped_column(String(64))
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    shutdown_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class TranscriptRow(Base):
+    __tablename__ = "transcripts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.conversation_id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+def default_database_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PRESENCE_DB", os.path.join(root, "data", "presence.db"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class Store:
+    """Small repository over the tables; every call is its own transaction."""
+
+    def __init__(self, url: str | None = None) -> None:
+        url = url or default_database_url()
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    # personas
+    def add_persona(self, data: dict) -> PersonaRow:
+        row = PersonaRow(persona_id=new_id("p"), persona_name=data.get("persona_name") or "", data=data)
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_persona(self, persona_id: str) -> PersonaRow | None:
+        with self.session() as s:
+            return s.get(PersonaRow, persona_id)
+
+    def list_personas(self, limit: int, offset: int) -> tuple[list[PersonaRow], int]:
+        with self.session() as s:
+            total = s.scalar(select(func.count()).select_from(PersonaRow))
+            rows = s.scalars(select(PersonaRow).order_by(PersonaRow.created_at).limit(limit).offset(offset)).all()
+            return list(rows), int(total or 0)
+
+    def update_persona(self, persona_id: str, data: dict) -> PersonaRow | None:
+        with self.session() as s, s.begin():
+            row = s.get(PersonaRow, persona_id)
+            if row is None:
+                return None
+            row.data = data
+            row.persona_name = data.get("persona_name") or row.persona_name
+            row.updated_at = time.time()
+            return row
+
+    def delete_persona(self, persona_id: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(PersonaRow, persona_id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    # conversations
+    def add_conversation(self, **fields: Any) -> ConversationRow:
+        row = ConversationRow(conversation_id=new_id("c"), **fields)
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_conversation(self, conversation_id: str) -> ConversationRow | None:
+        with self.session() as s:
+            return s.get(ConversationRow, conversation_id)
+
+    def list_conversations(self, limit: int, offset: int, status: str | None = None) -> tuple[list[ConversationRow], int]:
+        with self.session() as s:
+            q = select(ConversationRow)
+            cq = select(func.count()).select_from(ConversationRow)
+            if status:
+                q = q.where(ConversationRow.status == status)
+                cq = cq.where(ConversationRow.status == status)
+            rows = s.scalars(q.order_by(ConversationRow.created_at.desc()).limit(limit).offset(offset)).all()
+            return list(rows), int(s.scalar(cq) or 0)
+
+    def set_status(self, conversation_id: str, status: str, reason: str | None = None) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(ConversationRow, conversation_id)
+            if row is None:
+                return
+            row.status = status
+            if reason and not row.shutdown_reason:
+                row.shutdown_reason = reason
+            if status == "ended" and row.ended_at is None:
+                row.ended_at = time.time()
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(ConversationRow, conversation_id)
+            if row is None:
+                return False
+            for t in s.scalars(select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id)):
+                s.delete(t)
+            s.delete(row)
+            return True
+
+    # transcripts
+    def add_utterance(self, conversation_id: str, role: str, content: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(TranscriptRow(conversation_id=conversation_id, role=role, content=content))
+
+    def transcript(self, conversation_id: str) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id)
+                             .order_by(TranscriptRow.id)).all()
+            return [{"role": r.role, "content": r.content, "timestamp": r.created_at} for r in rows]

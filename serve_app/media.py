@@ -1,0 +1,187 @@
+"""The avatar's outgoing media: one clock, a speech playout buffer, and aiortc audio/video tracks.
+
+Audio and video frames are both stamped from `MediaClock`: a frame with pts t is sent at wall time
+clock.start + t, so the receiver (which syncs tracks by RTCP send-time reports) sees them aligned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+
+from models.audio import resample
+
+AUDIO_RATE = 48000
+AUDIO_FRAME = 960  # 20 ms
+VIDEO_CLOCK = 90000
+
+
+class MediaClock:
+    """Shared media time (seconds since the session's media started)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    async def sleep_until(self, t: float) -> None:
+        delay = self.start + t - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass(eq=False)  # identity semantics: segments hold audio arrays
+class Segment:
+    """One synthesized clause scheduled on the media clock."""
+
+    pcm: np.ndarray  # int16 mono at 48 kHz
+    t0: float
+    text: str
+    words: list[tuple[str, float, float]]
+    phonemes: list[tuple[str, float, float]]
+    reply_id: int
+    started: bool = False
+    cut_at: float | None = None  # media time the segment was cut (barge-in)
+
+    @property
+    def t1(self) -> float:
+        return self.t0 + self.pcm.size / AUDIO_RATE
+
+
+@dataclass
+class SpeechPlayout:
+    """Queue of speech segments laid end to end on the media clock; the audio track reads it."""
+
+    clock: MediaClock
+    segments: list[Segment] = field(default_factory=list)
+    lead_s: float = 0.03
+    on_segment_start: Callable[[Segment], None] | None = None
+    on_idle: Callable[[int], None] | None = None
+
+    def enqueue(self, pcm16: np.ndarray, sample_rate: int, text: str, words, phonemes, reply_id: int) -> Segment:
+        audio = pcm16.astype(np.float32) / 32768.0
+        pcm = (np.clip(resample(audio, sample_rate, AUDIO_RATE), -1, 1) * 32767).astype(np.int16)
+        start = self.clock.now() + self.lead_s
+        if self.segments:
+            start = max(start, self.segments[-1].t1)
+        seg = Segment(pcm, start, text, list(words), list(phonemes), reply_id)
+        self.segments.append(seg)
+        return seg
+
+    @property
+    def active(self) -> bool:
+        return bool(self.segments)
+
+    def read(self, t: float, n: int = AUDIO_FRAME) -> np.ndarray:
+        """Samples for media time [t, t + n/rate): speech where scheduled, silence elsewhere."""
+        out = np.zeros(n, np.int16)
+        t_end = t + n / AUDIO_RATE
+        for seg in self.segments:
+            if seg.t0 >= t_end or seg.t1 <= t:
+                continue
+            if not seg.started:
+                seg.started = True
+                if self.on_segment_start:
+                    self.on_segment_start(seg)
+            a = int(round((t - seg.t0) * AUDIO_RATE))
+            lo, hi = max(a, 0), min(a + n, seg.pcm.size)
+            out[lo - a:hi - a] = seg.pcm[lo:hi]
+        finished = [s for s in self.segments if s.t1 <= t_end]
+        if finished:
+            self.segments = [s for s in self.segments if s.t1 > t_end]
+            if not self.segments and self.on_idle:
+                self.on_idle(finished[-1].reply_id)
+        return out
+
+    def flush(self) -> tuple[float, list[Segment]]:
+        """Drop everything not yet played; returns (now, the segments that were cut or dropped)."""
+        now = self.clock.now()
+        dropped = self.segments
+        for seg in dropped:
+            seg.cut_at = now
+        self.segments = []
+        return now, dropped
+
+
+def spoken_text(seg: Segment, at: float) -> str:
+    """The words of a cut segment that were fully heard before media time `at`."""
+    heard = at - seg.t0
+    if heard <= 0:
+        return ""
+    if heard >= seg.pcm.size / AUDIO_RATE:
+        return seg.text
+    return " ".join(w for w, _, end in seg.words if end <= heard)
+
+
+class AvatarAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, clock: MediaClock, playout: SpeechPlayout) -> None:
+        super().__init__()
+        self.clock = clock
+        self.playout = playout
+        self._samples = 0
+        self.on_frame: Callable[[float, np.ndarray], None] | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        t = self._samples / AUDIO_RATE
+        if self.clock.now() - t > 0.2:  # we fell behind (e.g. a stall): skip ahead rather than burst
+            self._samples = int(self.clock.now() * AUDIO_RATE) // AUDIO_FRAME * AUDIO_FRAME
+            t = self._samples / AUDIO_RATE
+        await self.clock.sleep_until(t)
+        pcm = self.playout.read(t)
+        if self.on_frame:
+            self.on_frame(t, pcm)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME)
+        frame.planes[0].update(pcm.tobytes())
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = self._samples
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        self._samples += AUDIO_FRAME
+        return frame
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """Renders the avatar for each frame's media time. `render(t)` returns an RGB uint8 image."""
+
+    kind = "video"
+
+    def __init__(self, clock: MediaClock, render: Callable[[float], np.ndarray], fps: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.render = render
+        self.fps = fps
+        self._index = 0
+        self._render_s = 0.02
+        self.frames_sent = 0
+        self.render_ms: list[float] = []
+
+    async def recv(self) -> av.VideoFrame:
+        t = self._index / self.fps
+        now = self.clock.now()
+        if now - t > 2 / self.fps:  # late: drop frames instead of falling further behind
+            self._index = int(now * self.fps) + 1
+            t = self._index / self.fps
+        # Start rendering early enough that the frame is ready at its media time.
+        await self.clock.sleep_until(t - self._render_s)
+        t0 = time.perf_counter()
+        rgb = await asyncio.to_thread(self.render, t)
+        dt = time.perf_counter() - t0
+        self._render_s = 0.8 * self._render_s + 0.2 * dt
+        if len(self.render_ms) < 10000:
+            self.render_ms.append(dt * 1000)
+        await self.clock.sleep_until(t)
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = int(round(t * VIDEO_CLOCK))
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self._index += 1
+        self.frames_sent += 1
+        return frame

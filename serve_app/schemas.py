@@ -1,0 +1,105 @@
+"""Request and response bodies of the REST API (the de-facto industry shape, see DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+Level = Literal["low", "medium", "high"]
+Emotion = Literal["neutral", "joy", "sadness", "anger", "surprise"]
+
+
+class LLMLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, max_length=200)
+    base_url: HttpUrl | None = None
+    api_key: str | None = Field(None, max_length=500)
+    max_tokens: int = Field(80, ge=8, le=1024)
+    temperature: float = Field(0.4, ge=0.0, le=2.0)
+
+
+class TTSLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tts_engine: Literal["piper"] = "piper"
+    speed: float = Field(1.0, ge=0.5, le=2.0)
+
+
+class STTLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stt_engine: Literal["whisper"] = "whisper"
+    hotwords: str | None = Field(None, max_length=500)
+
+
+class PerceptionLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    perception_model: Literal["basic", "off"] = "basic"
+
+
+class ConversationalFlowLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    turn_taking_patience: Level = "medium"
+    replica_interruptibility: Level = "medium"
+
+
+class Layers(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    llm: LLMLayer = Field(default_factory=LLMLayer)
+    tts: TTSLayer = Field(default_factory=TTSLayer)
+    stt: STTLayer = Field(default_factory=STTLayer)
+    perception: PerceptionLayer = Field(default_factory=PerceptionLayer)
+    conversational_flow: ConversationalFlowLayer = Field(default_factory=ConversationalFlowLayer)
+
+
+class PersonaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    persona_name: str = Field(..., min_length=1, max_length=200)
+    system_prompt: str = Field("", max_length=20000)
+    context: str = Field("", max_length=50000)
+    default_replica_id: str | None = Field(None, max_length=64)
+    emotion: Emotion = "neutral"
+    layers: Layers = Field(default_factory=Layers)
+
+
+class PersonaPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    persona_name: str | None = Field(None, min_length=1, max_length=200)
+    system_prompt: str | None = Field(None, max_length=20000)
+    context: str | None = Field(None, max_length=50000)
+    default_replica_id: str | None = Field(None, max_length=64)
+    emotion: Emotion | None = None
+    layers: Layers | None = None
+
+
+class ConversationProperties(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_call_duration: int = Field(1800, ge=10, le=4 * 3600)
+    participant_left_timeout: int = Field(60, ge=0, le=3600)
+    participant_absent_timeout: int = Field(300, ge=5, le=3600)
+    language: Literal["english", "en"] = "english"
+
+
+class ConversationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    replica_id: str | None = Field(None, max_length=64)
+    persona_id: str | None = Field(None, max_length=64)
+    conversation_name: str = Field("", max_length=200)
+    conversational_context: str = Field("", max_length=50000)
+    custom_greeting: str | None = Field(None, max_length=2000)
+    callback_url: HttpUrl | None = None
+    properties: ConversationProperties = Field(default_factory=ConversationProperties)
+
+
+class OfferJSON(BaseModel):
+    type: Literal["offer"]
+    sdp: str = Field(..., max_length=100_000)
+
+
+DEFAULT_PERSONA = PersonaIn(
+    persona_name="Anna",
+    system_prompt=(
+        "You are Anna, a warm and curious person talking with someone on a live video call. "
+        "Speak naturally, like in a real conversation. Answer in one or two short sentences. "
+        "Never use lists, markdown or emojis."
+    ),
+)

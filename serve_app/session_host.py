@@ -1,0 +1,76 @@
+"""SessionHost deployment: each conversation is one long-lived streaming call to a replica.
+
+`max_ongoing_requests` is the replica's session capacity, so Serve's router places sessions,
+counts them for autoscaling and drains them on scale-down. The first item of the stream is the
+SDP answer; the rest are the session's events, ending with system.shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from deployments.common import limit_threads
+from models.assets import onnx_session, silero_vad_onnx
+from models.avatar.head import build_head
+from models.avatar.render import CPUAvatarRenderer, Pose
+from serve_app.ice import apply_policy
+from serve_app.pipeline import BadOffer, ConversationSession, Handles, SessionSpec
+
+log = logging.getLogger("presence.host")
+
+
+@serve.deployment(max_ongoing_requests=2, max_queued_requests=2, graceful_shutdown_timeout_s=1800,
+                  ray_actor_options={"num_cpus": 0})
+class SessionHost:
+    def __init__(self, turn, asr, llm, tts, video: dict | None = None) -> None:
+        limit_threads()
+        apply_policy()
+        video = video or {}
+        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts)
+        self.width = int(video.get("width", 256))
+        self.height = int(video.get("height", 256))
+        self.fps = float(video.get("fps", 15))
+        self.head = build_head(int(video.get("gaussians", 20000)))
+        self.vad_session = onnx_session(silero_vad_onnx())
+        CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
+        self.sessions: dict[str, ConversationSession] = {}
+        self.started_at = time.time()
+
+    async def run(self, spec: dict):
+        """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
+        spec_obj = SessionSpec(**spec)
+        renderer = CPUAvatarRenderer(self.head, self.width, self.height)
+        session = ConversationSession(spec_obj, self.handles, renderer, self.vad_session, self.fps)
+        try:
+            answer = await session.start()
+        except BadOffer as exc:
+            yield {"type": "error", "status": 400, "detail": str(exc)}
+            return
+        self.sessions[session.cid] = session
+        yield {"type": "answer", "sdp": answer}
+        runner = asyncio.ensure_future(session.run())
+        try:
+            while True:
+                ev = await session.events.get()
+                yield {"type": "event", "event": ev}
+                if ev["event_type"] == "system.shutdown":
+                    break
+            await runner
+        except asyncio.CancelledError:
+            # The ingress ended the call (POST /end, DELETE) or went away: close cleanly.
+            runner.cancel()
+            await asyncio.shield(session.shutdown("end_conversation_endpoint_hit"))
+            raise
+        finally:
+            self.sessions.pop(session.cid, None)
+            await session.close()
+
+    async def sessions_info(self) -> dict:
+        return {cid: {"turns": s.turns, "frames_sent": s.video_out.frames_sent} for cid, s in self.sessions.items()}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"sessions": float(len(self.sessions))}

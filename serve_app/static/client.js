@@ -1,0 +1,158 @@
+// Presence web client: create or join a conversation, stream mic + camera, play the avatar.
+// window.presence exposes what the page saw (events, reply audio levels, mouth motion) for tests.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { events: [], audioLevels: [], mouth: [], pc: null, conversationId: null, apiKey: null, ended: false };
+window.presence = state;
+
+function hashParams() {
+  return new URLSearchParams(location.hash.replace(/^#/, ""));
+}
+
+function setStatus(text) { $("status").textContent = text; }
+
+function caption(role, text) {
+  const p = document.createElement("p");
+  p.className = role;
+  p.textContent = (role === "user" ? "You: " : "Avatar: ") + text;
+  $("captions").appendChild(p);
+  $("captions").scrollTop = 1e9;
+}
+
+function onEvent(ev) {
+  state.events.push({ ...ev, received_at: performance.now() });
+  const props = ev.properties || {};
+  switch (ev.event_type) {
+    case "conversation.utterance": caption(props.role, props.speech); break;
+    case "conversation.turn_timings": {
+      const ms = props.ms_from_speech_end || {};
+      $("latency").textContent = "speech end → first audio sent: " + (ms.first_audio_sent ?? "?") +
+        " ms  (ASR " + (ms.asr_final ?? "?") + ", LLM first token " + (ms.llm_first_token ?? "?") +
+        ", TTS " + (ms.tts_first_audio ?? "?") + ")";
+      break;
+    }
+    case "system.replica_joined": setStatus("connected"); break;
+    case "system.shutdown": setStatus("ended: " + props.shutdown_reason); state.ended = true; break;
+  }
+}
+
+async function createConversation(apiKey) {
+  const res = await fetch("/v2/conversations", {
+    method: "POST",
+    headers: { "content-type": "application/json", "x-api-key": apiKey },
+    body: JSON.stringify({ conversation_name: "web client" }),
+  });
+  if (!res.ok) throw new Error("create failed: " + res.status + " " + (await res.text()));
+  return res.json();
+}
+
+function measureReplyAudio(stream) {
+  const ctx = new AudioContext();
+  const src = ctx.createMediaStreamSource(stream);
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 1024;
+  src.connect(analyser);
+  const buf = new Float32Array(analyser.fftSize);
+  setInterval(() => {
+    analyser.getFloatTimeDomainData(buf);
+    let s = 0;
+    for (let i = 0; i < buf.length; i++) s += buf[i] * buf[i];
+    state.audioLevels.push([performance.now(), Math.sqrt(s / buf.length)]);
+    if (state.audioLevels.length > 20000) state.audioLevels.shift();
+  }, 20);
+}
+
+function measureMouth(video) {
+  // Mean absolute change of the mouth region between samples: lips moving with speech show up here.
+  const canvas = document.createElement("canvas");
+  const w = 64, h = 64;
+  canvas.width = w; canvas.height = h;
+  const g = canvas.getContext("2d", { willReadFrequently: true });
+  let prev = null;
+  setInterval(() => {
+    if (video.readyState < 2 || !video.videoWidth) return;
+    const vw = video.videoWidth, vh = video.videoHeight;
+    g.drawImage(video, vw * 0.35, vh * 0.5, vw * 0.3, vh * 0.2, 0, 0, w, h);
+    const px = g.getImageData(0, 0, w, h).data;
+    if (prev) {
+      let d = 0;
+      for (let i = 0; i < px.length; i += 4) d += Math.abs(px[i] - prev[i]) + Math.abs(px[i + 1] - prev[i + 1]);
+      state.mouth.push([performance.now(), d / (w * h * 2)]);
+      if (state.mouth.length > 20000) state.mouth.shift();
+    }
+    prev = px;
+  }, 66);
+}
+
+async function join(conversationId, token) {
+  state.conversationId = conversationId;
+  setStatus("asking for camera and microphone…");
+  const local = await navigator.mediaDevices.getUserMedia({
+    audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    video: { width: 320, height: 240, frameRate: 10 },
+  });
+  $("self").srcObject = local;
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  state.pc = pc;
+  const channel = pc.createDataChannel("events");
+  state.channel = channel;
+  channel.onmessage = (m) => onEvent(JSON.parse(m.data));
+  for (const track of local.getTracks()) pc.addTrack(track, local);
+  const remote = new MediaStream();
+  pc.ontrack = (e) => {
+    remote.addTrack(e.track);
+    if (e.track.kind === "video") { $("avatar").srcObject = new MediaStream([e.track]); measureMouth($("avatar")); }
+    else { $("voice").srcObject = new MediaStream([e.track]); measureReplyAudio(new MediaStream([e.track])); }
+  };
+  pc.onconnectionstatechange = () => { if (pc.connectionState !== "connected") setStatus(pc.connectionState); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {  // non-trickle ICE: send the offer with all candidates
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && resolve();
+    setTimeout(resolve, 3000);
+  });
+  setStatus("connecting…");
+  const res = await fetch(`/v2/conversations/${conversationId}/webrtc`, {
+    method: "POST",
+    headers: { "content-type": "application/sdp", authorization: "Bearer " + token },
+    body: pc.localDescription.sdp,
+  });
+  if (res.status !== 201) { setStatus("join failed: " + res.status + " " + (await res.text())); return; }
+  await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+  $("end").disabled = false;
+}
+
+async function start() {
+  const apiKey = $("apikey").value.trim();
+  if (!apiKey) { setStatus("enter the API key printed by the server"); return; }
+  localStorage.setItem("presence-api-key", apiKey);
+  state.apiKey = apiKey;
+  $("start").disabled = true;
+  try {
+    const conv = await createConversation(apiKey);
+    history.replaceState(null, "", `/c/${conv.conversation_id}#t=${conv.meeting_token}`);
+    await join(conv.conversation_id, conv.meeting_token);
+  } catch (e) { setStatus(String(e)); $("start").disabled = false; }
+}
+
+async function end() {
+  if (state.channel && state.channel.readyState === "open" && state.apiKey) {
+    await fetch(`/v2/conversations/${state.conversationId}/end`, { method: "POST", headers: { "x-api-key": state.apiKey } });
+  }
+  if (state.pc) state.pc.close();
+  $("end").disabled = true;
+}
+
+window.addEventListener("load", () => {
+  const params = hashParams();
+  $("apikey").value = params.get("key") || localStorage.getItem("presence-api-key") || "";
+  $("start").onclick = start;
+  $("end").onclick = end;
+  const m = location.pathname.match(/^\/c\/([\w-]+)/);
+  if (m && params.get("t")) {
+    $("start").disabled = true;
+    join(m[1], params.get("t")).catch((e) => setStatus(String(e)));
+  } else if (params.get("autostart") === "1") {
+    start();
+  }
+});

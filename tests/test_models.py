@@ -1,0 +1,118 @@
+"""The embedded models on their own: real weights, real audio (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.audio import resample, whisper_log_mel
+from models.llm import ReplyShaper, build_messages
+from models.turn import SmartTurn, fuse, is_backchannel, transcript_gate
+from models.vad import CHUNK, SileroVAD, SpeechSegmenter
+
+
+def speech16k(tts, text: str) -> np.ndarray:
+    s = tts.synthesize(text)
+    return resample(s.audio, s.sample_rate, 16000)
+
+
+def test_log_mel_shape_and_range():
+    x = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32)
+    feats = whisper_log_mel(np.concatenate([np.zeros(16000 * 7, np.float32), x]))
+    assert feats.shape == (80, 800)
+    assert feats.dtype == np.float32
+    assert -1.5 <= feats.min() and feats.max() <= 2.0
+    # The tone is at the end (last second = last 100 frames), not at the start.
+    assert feats[:, -100:].max() > feats[:, :100].max() + 0.5
+
+
+def test_vad_finds_speech_and_pause(tts):
+    audio = np.concatenate([np.zeros(8000, np.float32), speech16k(tts, "Hello, how are you doing today?"),
+                            np.zeros(16000, np.float32)])
+    vad, seg = SileroVAD(), SpeechSegmenter()
+    events = []
+    for i in range(audio.size // CHUNK):
+        ev = seg.update(vad(audio[i * CHUNK:(i + 1) * CHUNK]), i * CHUNK / 16000)
+        if ev:
+            events.append((ev.kind, ev.t))
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "speech_start" and "pause" in kinds
+    assert 0.4 <= events[0][1] <= 0.8  # speech starts after the 0.5 s of silence
+    with pytest.raises(ValueError):
+        vad(np.zeros(100, np.float32))
+
+
+def test_smart_turn_prefers_finished_sentences(tts):
+    model = SmartTurn()
+    done = model.probability(speech16k(tts, "Can you tell me what the weather will be like tomorrow?"))
+    cut = model.probability(speech16k(tts, "I would like to go to the, um"))
+    assert 0 <= cut < done <= 1
+    assert fuse(0.9, "I want to go to the").complete is False
+    assert fuse(0.45, "What time is it?").complete is True
+    assert transcript_gate("") is None
+
+
+def test_backchannels():
+    assert is_backchannel("Mhm.") and is_backchannel("yeah, okay") and is_backchannel("")
+    assert not is_backchannel("Wait, that's not what I asked")
+
+
+def test_asr_transcribes_speech(tts):
+    from models.asr import WhisperASR
+
+    asr = WhisperASR()
+    text = asr.transcribe(speech16k(tts, "The quick brown fox jumps over the lazy dog.")).text.lower()
+    assert "quick brown fox" in text and "lazy dog" in text
+    assert asr.transcribe(np.zeros(800, np.float32)).text == ""
+
+
+def test_tts_gives_word_timings(tts):
+    speech = tts.synthesize("Paris is lovely in the spring.")
+    assert speech.sample_rate == 22050 and 1.0 < speech.duration_s < 4.0
+    words = [w for w, _, _ in speech.words]
+    assert words == ["Paris", "is", "lovely", "in", "the", "spring."]
+    ends = [e for _, _, e in speech.words]
+    assert ends == sorted(ends) and ends[-1] <= speech.duration_s + 1e-6
+    assert speech.phonemes and speech.phonemes[0][1] == 0.0
+
+
+def test_reply_shaper_splits_bounds_and_stops_loops():
+    shaper = ReplyShaper(max_sentences=2)
+    clauses = []
+    for piece in ["Sure", "! Paris is", " the capital of France.", " It is lovely.", " More text."]:
+        clauses += [c.text for c in shaper.feed(piece)]
+    clauses += [c.text for c in shaper.flush()]
+    assert clauses == ["Sure!", "Paris is the capital of France."]
+    loop = ReplyShaper(max_sentences=10)
+    out = []
+    for _ in range(6):
+        out += loop.feed("It is a very special story. ")
+    assert len(out) == 1 and loop.done
+    tagged = ReplyShaper()
+    assert [c.text for c in tagged.feed("[joy] Great to see you *again*. ")] == ["Great to see you again."]
+    assert tagged.emotion == "joy"
+
+
+def test_build_messages_keeps_short_history():
+    history = [{"role": "user", "content": str(i)} for i in range(20)]
+    msgs = build_messages("You are Anna.", "Context here.", history, max_history=4)
+    assert msgs[0]["role"] == "system" and "Context here." in msgs[0]["content"]
+    assert [m["content"] for m in msgs[1:]] == ["16", "17", "18", "19"]
+
+
+def test_embedded_llm_streams_a_reply():
+    import asyncio
+
+    from models.llm import EmbeddedLlamaCpp, GenerationParams
+
+    llm = EmbeddedLlamaCpp(n_parallel=1)
+
+    async def run():
+        pieces = []
+        async for p in llm.stream([{"role": "user", "content": "Say hello."}], GenerationParams(max_tokens=12)):
+            pieces.append(p)
+        await llm.aclose()
+        return pieces
+
+    pieces = asyncio.run(run())
+    assert len(pieces) >= 2 and "".join(pieces).strip()
