@@ -99,6 +99,15 @@ class WebhookReceiver:
 
 
 @pytest.fixture
+def idle(presence):
+    """Waits until no media session is live (earlier tests' sessions have drained)."""
+    deadline = time.time() + 90
+    while time.time() < deadline and httpx.get(f"{presence}/healthz", timeout=5).json()["live_sessions"]:
+        time.sleep(0.5)
+    return presence
+
+
+@pytest.fixture
 def webhook():
     rx = WebhookReceiver()
     yield rx

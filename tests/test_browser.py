@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import wave
 
+import httpx
 import numpy as np
 import pytest
 
@@ -36,7 +37,7 @@ def write_y4m(path, frames: int = 20, w: int = 320, h: int = 240) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/test.sh (apt-get install chromium)")
-def test_browser_conversation(presence, api_key, tts, tmp_path):
+def test_browser_conversation(idle, presence, api_key, tts, tmp_path):
     from playwright.sync_api import sync_playwright
 
     question = speech_pcm48k("What is the capital of France?", tts)
@@ -63,6 +64,8 @@ def test_browser_conversation(presence, api_key, tts, tmp_path):
                              " mouth: window.presence.mouth, id: window.presence.conversationId})")
         page.screenshot(path=str(tmp_path / "client.png"))
         browser.close()
+    # Free the session slot now rather than after participant_left_timeout.
+    httpx.post(f"{presence}/v2/conversations/{data['id']}/end", headers={"x-api-key": api_key}, timeout=30)
     users = [e for e in data["events"] if e["event_type"] == "conversation.utterance" and e["properties"]["role"] == "user"]
     assert users and "france" in users[0]["properties"]["speech"].lower()
     started = next(e for e in data["events"] if e["event_type"] == "conversation.replica.started_speaking")

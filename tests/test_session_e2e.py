@@ -33,7 +33,7 @@ async def one_turn(client: PresenceRTCClient, pcm: np.ndarray) -> tuple[dict, di
     return user, replica, speech_end
 
 
-def test_spoken_turn_end_to_end(presence, api_key, question, webhook):
+def test_spoken_turn_end_to_end(idle, presence, api_key, question, webhook):
     async def run():
         client = PresenceRTCClient(presence, api_key)
         conv = await client.create(conversation_name="e2e", callback_url=webhook.url)
@@ -80,7 +80,7 @@ def test_spoken_turn_end_to_end(presence, api_key, question, webhook):
     assert shutdown["properties"]["shutdown_reason"] == "end_conversation_endpoint_hit"
 
 
-def test_two_sessions_at_once(presence, api_key, question):
+def test_two_sessions_at_once(idle, presence, api_key, question):
     async def session():
         client = PresenceRTCClient(presence, api_key)
         await client.create(conversation_name="parallel")
@@ -98,7 +98,7 @@ def test_two_sessions_at_once(presence, api_key, question):
         assert "france" in user_text.lower() and replica_text.strip()
 
 
-def test_echo_interrupt_and_client_leaving(presence, api_key):
+def test_echo_interrupt_and_client_leaving(idle, presence, api_key):
     async def run():
         client = PresenceRTCClient(presence, api_key)
         conv = await client.create(conversation_name="echo", properties={"participant_left_timeout": 0})
