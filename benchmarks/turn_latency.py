@@ -33,23 +33,6 @@ QUESTIONS = [
 ]
 
 
-def start_local_app() -> tuple[str, str]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["PRESENCE_ICE_LOOPBACK"] = "1"
-    import ray
-    import yaml
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8011})
-    args = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())["applications"][0]["args"]
-    args["ingress"] = {**args["ingress"], "api_keys": ["bench"], "database_url": "sqlite:////tmp/presence-bench.db"}
-    serve.run(build_app(args), name="presence", route_prefix="/")
-    return "http://127.0.0.1:8011", "bench"
-
-
 async def run_session(url: str, key: str, clips: list[np.ndarray], texts: list[str]) -> list[dict]:
     from benchmarks.rtc_client import PresenceRTCClient
 
@@ -106,7 +89,13 @@ def main() -> None:
     from benchmarks.rtc_client import speech_pcm48k
     from models.tts import PiperTTS
 
-    url, key = (a.url, a.api_key) if a.url else start_local_app()
+    if a.url:
+        url, key = a.url, a.api_key
+    else:
+        from benchmarks.local_app import start_local_app
+
+        key = "bench"
+        url = start_local_app(key, "sqlite:////tmp/presence-bench.db")
     tts = PiperTTS()
     clips = {q: speech_pcm48k(q, tts) for q in QUESTIONS}
     rows: list[dict] = []

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.local_app import start_local_app
+
 API_KEY = "test-key"
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["PRESENCE_ICE_LOOPBACK"] = "1"
-for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_k, "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_profile_args() -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
-    return cfg["applications"][0]["args"]
 
 
 @pytest.fixture(scope="session")
@@ -40,26 +21,8 @@ def presence(tmp_path_factory):
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
-
     db = tmp_path_factory.mktemp("db") / "presence.db"
-    port = free_port()
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = cpu_profile_args()
-    args["ingress"] = {**args.get("ingress", {}), "api_keys": [API_KEY], "database_url": f"sqlite:///{db}",
-                       "max_sessions": 2}
-    serve.run(build_app(args), name="presence", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    yield base
+    yield start_local_app(API_KEY, f"sqlite:///{db}", max_sessions=2, num_gpus=4)
     serve.shutdown()
     ray.shutdown()
 
