@@ -16,20 +16,24 @@ from models.audio import pcm16_to_float
 class ASR:
     def __init__(self, model: str | None = None, device: str = "cpu", compute_type: str = "int8") -> None:
         limit_threads()
-        self.model = WhisperASR(model, device=device, compute_type=compute_type)
+        # Two CTranslate2 workers: a final transcript (which a turn waits for) never queues behind a
+        # speculative mid-speech one that is already running.
+        self.model = WhisperASR(model, device=device, compute_type=compute_type, num_workers=2)
         self.times = ServiceTimes()
-        self._lock = asyncio.Lock()  # one utterance at a time per replica: CTranslate2 has one worker
+        self._final_lock = asyncio.Lock()
+        self._partial_lock = asyncio.Lock()
         self.model.transcribe(warmup_audio())  # first call allocates; keep it out of the first turn
 
     async def transcribe(self, pcm16: bytes, prompt: str | None = None, partial: bool = False) -> dict:
         """Transcribe a whole utterance. A `partial` (speculative, mid-speech) request is skipped when
-        the model is busy, so it never delays the final transcript that a turn waits for."""
-        if partial and self._lock.locked():
+        any transcription is running, so it never competes with the final transcript a turn waits for."""
+        lock = self._partial_lock if partial else self._final_lock
+        if partial and (self._partial_lock.locked() or self._final_lock.locked()):
             return {"text": None, "skipped": True, "audio_s": len(pcm16) / 32000, "ms": 0.0}
         t0 = time.perf_counter()
         self.times.in_flight += 1
         try:
-            async with self._lock:
+            async with lock:
                 result = await asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt)
         finally:
             self.times.in_flight -= 1

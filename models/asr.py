@@ -20,13 +20,13 @@ class WhisperASR:
     """Transcribes whole 16 kHz utterances. `model` is a path or a faster-whisper model name."""
 
     def __init__(self, model: str | None = None, device: str = "cpu", compute_type: str = "int8",
-                 cpu_threads: int = 1, language: str | None = "en") -> None:
+                 cpu_threads: int = 1, language: str | None = "en", num_workers: int = 1) -> None:
         from faster_whisper import WhisperModel  # imported lazily: heavy, and CUDA-aware
 
         self.language = language
         self._model = WhisperModel(
             str(model or whisper_tiny_en()), device=device, compute_type=compute_type,
-            cpu_threads=cpu_threads, num_workers=1,
+            cpu_threads=cpu_threads, num_workers=num_workers,
         )
 
     def transcribe(self, audio16k: np.ndarray, prompt: str | None = None) -> Transcript:

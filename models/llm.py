@@ -48,9 +48,7 @@ class OpenAICompatibleLLM:
         body = {
             "model": self.model, "messages": messages, "stream": True,
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "stop": params.stop,
-            # llama.cpp and vLLM read these extra sampling fields; OpenAI ignores unknown ones.
-            "repeat_penalty": params.repetition_penalty, "repetition_penalty": params.repetition_penalty,
+            "stop": params.stop, **self.extra_body(params),
         }
         async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -67,6 +65,10 @@ class OpenAICompatibleLLM:
                     piece = (choices[0].get("delta") or {}).get("content")
                     if piece:
                         yield piece
+
+    def extra_body(self, params: GenerationParams) -> dict:
+        """Non-standard request fields; none for a generic endpoint (OpenAI rejects unknown ones)."""
+        return {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -88,6 +90,10 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         params.verbosity = 0
         self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive
         super().__init__(self._server.listening_address + "/v1", model="smollm2")
+
+    def extra_body(self, params: GenerationParams) -> dict:
+        # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused).
+        return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True}
 
     def warmup(self) -> None:
         """One tiny generation so the first user turn does not pay for cold caches."""
@@ -147,7 +153,9 @@ class ReplyShaper:
     `max_sentences`, and stops when a sentence repeats an earlier one or a 4-gram loops.
     """
 
-    def __init__(self, max_sentences: int = 3, min_comma_words: int = 5, max_chars: int = 400) -> None:
+    def __init__(self, max_sentences: int = 3, min_comma_words: int = 5, max_chars: int = 400,
+                 first_comma_words: int = 2) -> None:
+        self.first_comma_words = first_comma_words
         self.max_sentences = max_sentences
         self.min_comma_words = min_comma_words
         self.max_chars = max_chars
@@ -205,7 +213,9 @@ class ReplyShaper:
             cut = None
             for m in _CLAUSE_END.finditer(self._buf):
                 if m.group(3):  # a comma: only worth a TTS call if the clause is long enough
-                    if len(self._buf[: m.start()].split()) < self.min_comma_words:
+                    # The first clause may be short: it is what the user waits for.
+                    need = self.first_comma_words if self._emitted == 0 else self.min_comma_words
+                    if len(self._buf[: m.start()].split()) < need:
                         continue
                 cut = m.end()
                 break
@@ -224,9 +234,25 @@ class ReplyShaper:
         return [clause] if clause else []
 
 
+def context_start(history: list[Message], start: int, max_messages: int = 10, keep: int = 4) -> int:
+    """Index of the first history message the LLM sees.
+
+    The window jumps forward (to the last `keep` messages, starting at a user turn) only when it
+    exceeds `max_messages`, instead of sliding every turn: an unchanged prefix lets the server reuse
+    its prompt cache, so time to first token does not grow with the conversation.
+    """
+    if len(history) - start <= max_messages:
+        return start
+    start = max(0, len(history) - keep)
+    while start < len(history) and history[start].get("role") != "user":
+        start += 1
+    return start
+
+
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
-                   max_history: int = 6) -> list[Message]:
-    """The chat the LLM sees: persona + conversational context, the last few turns only."""
+                   max_history: int = 12) -> list[Message]:
+    """The chat the LLM sees: persona + conversational context, then the given turns (at most
+    `max_history`; callers choose the window with `context_start`)."""
     system = system_prompt.strip()
     if context:
         system += "\n\n" + context.strip()

@@ -22,7 +22,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import CPUAvatarRenderer, Pose
-from models.llm import ReplyShaper, build_messages
+from models.llm import ReplyShaper, build_messages, context_start
 from models.turn import fuse, is_backchannel
 from models.vad import CHUNK, SileroVAD, SpeechSegmenter
 from serve_app.events import event
@@ -103,6 +103,7 @@ class ConversationSession:
         self.llm_endpoint = {k: llm.get(k) for k in ("base_url", "api_key", "model")} if llm.get("base_url") else None
         self.context = spec.conversational_context or ""
         self.history: list[dict] = []
+        self._ctx_start = 0  # first history message in the LLM's window (see context_start)
         self.events: asyncio.Queue[dict] = asyncio.Queue()
         self.shutdown_reason: str | None = None
         self._closed = asyncio.Event()
@@ -411,7 +412,8 @@ class ConversationSession:
         return reply
 
     async def _clauses_from_llm(self, reply: Reply, user_text: str, out: asyncio.Queue) -> None:
-        history = self.history + [{"role": "user", "content": user_text}]
+        self._ctx_start = context_start(self.history, self._ctx_start)
+        history = self.history[self._ctx_start:] + [{"role": "user", "content": user_text}]
         messages = build_messages(self.persona.get("system_prompt", ""), "\n".join(
             x for x in (self.persona.get("context", ""), self.context) if x), history)
         shaper = ReplyShaper()

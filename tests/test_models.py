@@ -116,3 +116,30 @@ def test_embedded_llm_streams_a_reply():
 
     pieces = asyncio.run(run())
     assert len(pieces) >= 2 and "".join(pieces).strip()
+
+
+def test_context_window_jumps_instead_of_sliding():
+    from models.llm import context_start
+
+    history = []
+    starts = []
+    start = 0
+    for i in range(12):
+        history += [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        start = context_start(history, start, max_messages=10, keep=4)
+        starts.append(start)
+        assert len(history) - start <= 10 and history[start]["role"] == "user"
+    # The window start changes rarely (prompt-cache friendly), not on every turn.
+    assert len(set(starts)) <= 5 and starts[:5] == [0] * 5
+
+
+def test_generic_endpoint_gets_only_standard_fields():
+    from models.llm import GenerationParams, OpenAICompatibleLLM
+
+    assert OpenAICompatibleLLM("http://127.0.0.1:9/v1").extra_body(GenerationParams()) == {}
+
+
+def test_first_clause_is_short_for_a_fast_start():
+    shaper = ReplyShaper()
+    out = [c.text for c in shaper.feed("Oh well, I think Paris is the capital, and it is lovely. ")]
+    assert out == ["Oh well,", "I think Paris is the capital,", "and it is lovely."]
