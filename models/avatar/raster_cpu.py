@@ -51,6 +51,13 @@ def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01
     return means2d, conics, radii, pc[:, 2].astype(np.float32)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tile_range(mx, my, r, tiles_x, tiles_y):
+    """Inclusive tile index range covered by a Gaussian's 3-sigma box."""
+    return (max(0, int((mx - r) // TILE)), min(tiles_x - 1, int((mx + r) // TILE)),
+            max(0, int((my - r) // TILE)), min(tiles_y - 1, int((my + r) // TILE)))
+
+
 @njit(cache=True, nogil=True)
 def _composite(means2d, conics, colors, opacities, radii, order, width, height, bg, out):
     tiles_x = (width + TILE - 1) // TILE
@@ -63,8 +70,7 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
         r = radii[g]
         if r <= 0:
             continue
-        x0 = max(0, int((means2d[g, 0] - r) // TILE)); x1 = min(tiles_x - 1, int((means2d[g, 0] + r) // TILE))
-        y0 = max(0, int((means2d[g, 1] - r) // TILE)); y1 = min(tiles_y - 1, int((means2d[g, 1] + r) // TILE))
+        x0, x1, y0, y1 = _tile_range(means2d[g, 0], means2d[g, 1], r, tiles_x, tiles_y)
         for ty in range(y0, y1 + 1):
             for tx in range(x0, x1 + 1):
                 counts[ty * tiles_x + tx + 1] += 1
@@ -78,8 +84,7 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
         r = radii[g]
         if r <= 0:
             continue
-        x0 = max(0, int((means2d[g, 0] - r) // TILE)); x1 = min(tiles_x - 1, int((means2d[g, 0] + r) // TILE))
-        y0 = max(0, int((means2d[g, 1] - r) // TILE)); y1 = min(tiles_y - 1, int((means2d[g, 1] + r) // TILE))
+        x0, x1, y0, y1 = _tile_range(means2d[g, 0], means2d[g, 1], r, tiles_x, tiles_y)
         for ty in range(y0, y1 + 1):
             for tx in range(x0, x1 + 1):
                 t = ty * tiles_x + tx
