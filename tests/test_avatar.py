@@ -76,8 +76,10 @@ def test_lip_sync_follows_phonemes():
     track = SpeechTrack(t0=1.0, phonemes=[("m", 0.0, 0.1), ("a", 0.1, 0.3), ("m", 0.3, 0.4)], duration=0.4)
     jaw = CHANNELS.index("jaw_open")
     press = CHANNELS.index("lip_press")
-    assert lip_weights(track, 1.2)[jaw] > 0.5  # the vowel opens the jaw
-    assert lip_weights(track, 1.05)[press] > 0.5  # /m/ closes the lips
+    assert lip_weights(track, 1.2, lead_s=0.0)[jaw] > 0.5  # the vowel opens the jaw
+    assert lip_weights(track, 1.05, lead_s=0.0)[press] > 0.5  # /m/ closes the lips
+    # By default the mouth leads the sound: the shape of t + 50 ms shows at t.
+    assert np.allclose(lip_weights(track, 1.15), lip_weights(track, 1.2, lead_s=0.0))
     assert not lip_weights(track, 3.0).any()  # silence long after
 
 

@@ -75,10 +75,11 @@ class SpeechTrack:
     duration: float = 0.0
 
 
-def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045) -> np.ndarray:
+def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045, lead_s: float = 0.05) -> np.ndarray:
     """Coarticulated mouth weights at media time t: each phoneme's viseme, weighted by a smooth
-    kernel around its span, so neighbouring shapes blend instead of snapping."""
-    rel = t - track.t0
+    kernel around its span, so neighbouring shapes blend instead of snapping. The mouth leads the
+    sound by `lead_s`, as lips do (they shape before the sound comes out)."""
+    rel = t - track.t0 + lead_s
     out = np.zeros(len(CHANNELS), np.float32)
     if rel < -0.1 or rel > track.duration + 0.15:
         return out

@@ -1,0 +1,151 @@
+"""Avatar render + encode cost on this machine's backend, lip-sync offset, and an expression sheet.
+
+Writes benchmarks/results/render.json ({rows: [{backend, width, height, gaussians, sessions,
+render_ms, encode_ms}], lipsync_offset_ms, ...}) and benchmarks/results/expressions.png.
+Only the CPU rasteriser is measured here (no GPU on this box); one thread, as in the CPU profile.
+
+    python benchmarks/render.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fractions
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.audio import resample  # noqa: E402
+from models.avatar.animate import EMOTIONS, VISEMES, Animator, SpeechTrack  # noqa: E402
+from models.avatar.head import build_head  # noqa: E402
+from models.avatar.render import CPUAvatarRenderer, Pose  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def encoder(codec: str, w: int, h: int) -> av.CodecContext:
+    ctx = av.CodecContext.create("libvpx" if codec == "vp8" else "libx264", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
+    ctx.time_base = fractions.Fraction(1, 30)
+    ctx.bit_rate = 1_000_000
+    if codec == "h264":
+        ctx.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    else:
+        ctx.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    return ctx
+
+
+def time_session(head, w: int, h: int, frames: int) -> dict:
+    """Render a talking sequence (jaw and visemes changing every frame) and encode it."""
+    r = CPUAvatarRenderer(head, w, h)
+    r.render(Pose())
+    render_ms, enc_ms = [], {"vp8": [], "h264": []}
+    encs = {k: encoder(k, w, h) for k in enc_ms}
+    for i in range(frames):
+        pose = Pose().set(jaw_open=0.5 + 0.5 * np.sin(i / 2.0), mouth_wide=0.3 * np.cos(i / 3.0))
+        t0 = time.perf_counter()
+        img = r.render(pose)
+        render_ms.append((time.perf_counter() - t0) * 1000)
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts = i
+        for name, ctx in encs.items():
+            t0 = time.perf_counter()
+            ctx.encode(frame.reformat(format="yuv420p"))  # the conversion is part of what a sender pays
+            enc_ms[name].append((time.perf_counter() - t0) * 1000)
+    return {"render_ms": float(np.median(render_ms)), "encode_ms": float(np.median(enc_ms["vp8"])),
+            "encode_ms_h264": float(np.median(enc_ms["h264"]))}
+
+
+def lipsync_offset_ms(fps: int = 60) -> float:
+    """Offset between mouth opening in rendered frames and the audio's energy, by cross-correlation.
+
+    A sentence is synthesized with piper; its phoneme timings drive the animator on the media clock;
+    each frame is rendered and the mouth opening is measured from pixels (change of the mouth box
+    from the closed mouth). Positive means the mouth moves after the sound.
+    """
+    from models.tts import PiperTTS
+
+    speech = PiperTTS().synthesize("Hello! Many people enjoy walking along the ocean at dawn, and so do I.")
+    audio = resample(speech.audio, speech.sample_rate, 16000)
+    n = int(speech.duration_s * fps)
+    hop = 16000 // fps
+    energy = np.array([np.sqrt(np.mean(audio[i * hop:(i + 1) * hop] ** 2)) for i in range(n)])
+    anim = Animator(rng=np.random.default_rng(0))
+    anim._next_blink = 1e9  # blinks are not what we measure here
+    anim.speak(SpeechTrack(0.0, speech.phonemes, duration=speech.duration_s))
+    r = CPUAvatarRenderer(build_head(20000), 160, 160)
+    # The mouth box is where an open jaw changes the picture; opening = change from the closed mouth.
+    closed = r.render(Pose()).astype(np.float32)
+    diff = np.abs(r.render(Pose().set(jaw_open=1.0)).astype(np.float32) - closed).mean(axis=2)
+    ys, xs = np.where(diff > 20)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    opening = []
+    for i in range(n):
+        img = r.render(anim.pose((i + 0.5) / fps)).astype(np.float32)
+        opening.append(float(np.abs(img - closed)[box].mean()))
+    a = (energy - energy.mean()) / (energy.std() + 1e-9)
+    m = np.asarray(opening)
+    m = (m - m.mean()) / (m.std() + 1e-9)
+    lags = range(-12, 13)
+    corr = [np.mean(a[max(0, -k):n - max(0, k)] * m[max(0, k):n - max(0, -k)]) for k in lags]
+    return float(list(lags)[int(np.argmax(corr))] * 1000 / fps)
+
+
+def contact_sheet(path: Path, size: int = 192) -> None:
+    from PIL import Image, ImageDraw
+
+    r = CPUAvatarRenderer(build_head(20000), size, size)
+    cells: list[tuple[str, Pose]] = []
+    for emo, w in EMOTIONS.items():
+        cells.append((emo, Pose().set(**w)))
+    for vis in ("PP", "FF", "DD", "SS", "CH", "aa", "E", "O"):
+        cells.append((f"viseme {vis}", Pose().set(**VISEMES[vis])))
+    cells.append(("blink", Pose().set(blink_l=1.0, blink_r=1.0)))
+    cells.append(("head turn", Pose(yaw=0.35, pitch=0.05)))
+    cells.append(("gaze left", Pose().set(gaze_x=0.35)))
+    cols = 6
+    rows = (len(cells) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * size, rows * (size + 18)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, pose) in enumerate(cells):
+        x, y = (i % cols) * size, (i // cols) * (size + 18)
+        sheet.paste(Image.fromarray(r.render(pose)), (x, y))
+        draw.text((x + 4, y + size + 3), label, fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer frames and sizes (a smoke run)")
+    a = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    frames = 10 if a.quick else 40
+    sizes = [(256, 256)] if a.quick else [(256, 256), (512, 512), (1280, 720)]
+    rows = []
+    for g in ([20000] if a.quick else [20000, 50000]):
+        head = build_head(g)
+        for w, h in sizes:
+            res = time_session(head, w, h, frames if w * h <= 512 * 512 else max(5, frames // 4))
+            rows.append({"backend": "cpu-numba-1thread", "width": w, "height": h, "gaussians": len(head),
+                         "sessions": 1, **{k: round(v, 2) for k, v in res.items()}})
+            print(rows[-1], flush=True)
+    offset = lipsync_offset_ms()
+    contact_sheet(RESULTS / "expressions.png")
+    out = {"benchmark": "render", "rows": rows, "lipsync_offset_ms": offset,
+           "notes": "CPU rasteriser only: no GPU on this machine. encode_ms = VP8 realtime incl. RGB->YUV; "
+                    "encode_ms_h264 = x264 ultrafast/zerolatency incl. RGB->YUV. Medians."}
+    (RESULTS / "render.json").write_text(json.dumps(out, indent=2))
+    print("lipsync_offset_ms", offset)
+
+
+if __name__ == "__main__":
+    main()
