@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,12 @@ def summarize(rows: list[dict]) -> dict:
         "mean_ms": round(float(lat.mean()), 1) if lat.size else None,
         "stages_p50_ms": {k: round(float(np.percentile(v, 50)), 1) for k, v in stages.items()},
         "stages_p95_ms": {k: round(float(np.percentile(v, 95)), 1) for k, v in stages.items()},
+        "asr_word_perfect": sum(_words(r.get("heard") or "") == _words(r["question"]) for r in rows),
     }
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ class TTS:
     async def synthesize(self, text: str, speed: float = 1.0) -> dict:
         t0 = time.perf_counter()
         async with self._lock:
-            speech = await asyncio.to_thread(self.model.synthesize, text)
+            speech = await asyncio.to_thread(self.model.synthesize, text, speed)
         ms = (time.perf_counter() - t0) * 1000
         self.times.add(ms)
         return {

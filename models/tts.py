@@ -64,10 +64,16 @@ class PiperTTS:
         self._syn = SynthesisConfig(length_scale=length_scale)
         self.sample_rate = int(self._voice.config.sample_rate)
 
-    def synthesize(self, text: str) -> Speech:
+    def synthesize(self, text: str, speed: float = 1.0) -> Speech:
+        """Speak `text`; `speed` > 1 talks faster (piper's length_scale is its inverse)."""
+        syn = self._syn
+        if speed != 1.0:
+            from piper import SynthesisConfig
+
+            syn = SynthesisConfig(length_scale=self._syn.length_scale / max(0.25, float(speed)))
         pieces, phonemes = [], []
         t = 0.0
-        for chunk in self._voice.synthesize(text, syn_config=self._syn, include_alignments=True):
+        for chunk in self._voice.synthesize(text, syn_config=syn, include_alignments=True):
             audio = np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
             if chunk.phoneme_alignments:
                 pos = t

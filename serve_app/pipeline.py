@@ -101,6 +101,7 @@ class ConversationSession:
         llm = layers.get("llm") or {}
         self.llm_params = {"max_tokens": int(llm.get("max_tokens", 80)), "temperature": float(llm.get("temperature", 0.4))}
         self.llm_endpoint = {k: llm.get(k) for k in ("base_url", "api_key", "model")} if llm.get("base_url") else None
+        self.tts_speed = float((layers.get("tts") or {}).get("speed", 1.0))
         self.context = spec.conversational_context or ""
         self.history: list[dict] = []
         self._ctx_start = 0  # first history message in the LLM's window (see context_start)
@@ -448,7 +449,7 @@ class ConversationSession:
             while (text := await clauses.get()) is not None:
                 if reply.timings:
                     reply.timings.mark("first_clause")
-                speech = await self.h.tts.synthesize.remote(text)
+                speech = await self.h.tts.synthesize.remote(text, self.tts_speed)
                 if reply.timings:
                     reply.timings.mark("tts_first_audio")
                 await reply.gate.wait()

@@ -66,6 +66,43 @@ def test_asr_transcribes_speech(tts):
     assert asr.transcribe(np.zeros(800, np.float32)).text == ""
 
 
+def test_short_window_asr_matches_the_full_window(tts):
+    """The CPU profile's shortened encoder window gives the full 30 s window's words, with silence
+    around the speech and on a one-word answer (where shortened windows tend to repeat)."""
+    from models.asr import WhisperASR
+
+    short, full = WhisperASR(), WhisperASR(short_window=False)
+    assert short.short_window and not full.short_window
+    rng = np.random.default_rng(1)
+    for sentence in ("Yes.", "Is it going to rain tomorrow in London?",
+                     "I was wondering whether you could explain how photosynthesis works in simple terms."):
+        speech = speech16k(tts, sentence)
+        audio = np.concatenate([np.zeros(3200, np.float32), speech, np.zeros(4000, np.float32)])
+        audio += rng.normal(0, 0.003, audio.size).astype(np.float32)
+        a, b = short.transcribe(audio), full.transcribe(audio)
+        assert a.short_window and a.text == b.text, (a.text, b.text)
+    silence = short.transcribe(rng.normal(0, 0.003, 32000).astype(np.float32))
+    assert silence.text == ""
+    assert short.fallbacks == 0
+
+
+def test_collapse_repeats():
+    from models.asr import collapse_repeats, max_tokens_for
+
+    assert collapse_repeats("Yes. Yes. Yes. Yes. Yes") == "Yes."
+    assert collapse_repeats("What is the capital of France? What is the capital France?") == "What is the capital of France?"
+    assert collapse_repeats("How are you feeling today? How are you feeling") == "How are you feeling today?"
+    assert collapse_repeats("Hi. How are you? I am fine.") == "Hi. How are you? I am fine."
+    assert collapse_repeats("No, no, no.") == "No, no, no."
+    assert max_tokens_for(1.0) < max_tokens_for(5.0)
+
+
+def test_tts_speed_changes_duration_not_words(tts):
+    normal, fast = tts.synthesize("Paris is lovely in the spring."), tts.synthesize("Paris is lovely in the spring.", speed=1.5)
+    assert 0.55 < fast.duration_s / normal.duration_s < 0.8
+    assert [w for w, _, _ in fast.words] == [w for w, _, _ in normal.words]
+
+
 def test_tts_gives_word_timings(tts):
     speech = tts.synthesize("Paris is lovely in the spring.")
     assert speech.sample_rate == 22050 and 1.0 < speech.duration_s < 4.0
