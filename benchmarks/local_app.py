@@ -19,35 +19,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_profile_config() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
+
+
 def cpu_profile_args() -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
-    return cfg["applications"][0]["args"]
+    return cpu_profile_config()["applications"][0]["args"]
 
 
 def start_local_app(api_key: str, database_url: str, max_sessions: int | None = None, port: int | None = None,
-                    num_gpus: int = 0) -> str:
-    """ray.init + serve.run of configs/cpu.yaml's graph; media on loopback only. Returns the base URL
-    once /healthz answers. The caller owns shutdown (serve.shutdown(); ray.shutdown())."""
+                    num_gpus: int = 0, deployments: dict[str, dict] | None = None, timeout_s: float = 180) -> str:
+    """ray.init, then deploy configs/cpu.yaml exactly as `serve run configs/cpu.yaml` does (its
+    deployment options and autoscaling included), with the test's API key, database, port and any
+    per-deployment option `deployments` overrides; media on loopback only. Returns the base URL once
+    /healthz answers. The caller owns shutdown (serve.shutdown(); ray.shutdown())."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PRESENCE_ICE_LOOPBACK"] = "1"  # inherited by the local cluster's workers
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(k, "1")
     import ray
     from ray import serve
-
-    from serve_app.app import build_app
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     port = port or free_port()
     ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = cpu_profile_args()
-    ingress = {**args.get("ingress", {}), "api_keys": [api_key], "database_url": database_url}
+    cfg = cpu_profile_config()
+    app = cfg["applications"][0]
+    ingress = {**app["args"].get("ingress", {}), "api_keys": [api_key], "database_url": database_url}
     if max_sessions is not None:
         ingress["max_sessions"] = max_sessions
-    args["ingress"] = ingress
-    serve.run(build_app(args), name="presence", route_prefix="/")
+    app["args"]["ingress"] = ingress
+    for d in app.get("deployments", []):
+        d.update((deployments or {}).get(d["name"], {}))
+    # What `serve run`/`serve deploy` do with a config file (the HTTP options were set above).
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(
+        {"applications": [app], "proxy_location": cfg.get("proxy_location", "HeadOnly")}))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
@@ -55,4 +65,4 @@ def start_local_app(api_key: str, database_url: str, max_sessions: int | None = 
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise RuntimeError("Presence did not become healthy within 120 s")
+    raise RuntimeError(f"Presence did not become healthy within {timeout_s:.0f} s")

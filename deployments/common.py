@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -46,6 +48,17 @@ class ServiceTimes:
         cutoff = time.monotonic() - self.window_s
         values = [ms for t, ms in self._samples if t >= cutoff]
         return float(np.percentile(values, 95)) if values else 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        """Count one call as in flight while it runs and record its service time."""
+        self.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.add((time.perf_counter() - t0) * 1000)
 
     def stats(self) -> dict[str, float]:
         return {"p95_service_ms": self.p95(), "in_flight": float(self.in_flight)}

@@ -23,10 +23,10 @@ class TTS:
 
     async def synthesize(self, text: str, speed: float = 1.0) -> dict:
         t0 = time.perf_counter()
-        async with self._lock:
-            speech = await asyncio.to_thread(self.model.synthesize, text, speed)
+        with self.times.measure():
+            async with self._lock:
+                speech = await asyncio.to_thread(self.model.synthesize, text, speed)
         ms = (time.perf_counter() - t0) * 1000
-        self.times.add(ms)
         return {
             "text": text, "pcm16": float_to_pcm16(speech.audio).tobytes(), "sample_rate": speech.sample_rate,
             "phonemes": [(p, float(a), float(b)) for p, a, b in speech.phonemes],

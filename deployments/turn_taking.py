@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 from ray import serve
@@ -28,10 +27,9 @@ class TurnTaking:
 
     async def predict(self, pcm16: bytes, transcript: str = "") -> dict:
         """P(turn complete) for 16 kHz int16 audio (the end of the user's speech), fused with text."""
-        t0 = time.perf_counter()
-        p = await self._probabilities(pcm16_to_float(pcm16))
+        with self.times.measure():
+            p = await self._probabilities(pcm16_to_float(pcm16))
         decision = fuse(float(p), transcript, self.threshold)
-        self.times.add((time.perf_counter() - t0) * 1000)
         return {"complete": decision.complete, "probability": decision.probability,
                 "audio_probability": decision.audio_probability, "reason": decision.reason}
 

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from serve_app import metrics
 from serve_app.db import ConversationRow, PersonaRow, Store
@@ -66,7 +67,7 @@ def conversation_json(row: ConversationRow, base_url: str, with_token: bool = Fa
 class Ingress:
     def __init__(self, session_host, api_keys: list[str] | None = None, max_sessions: int = 2,
                  ice_servers: list[dict] | None = None, public_url: str | None = None,
-                 database_url: str | None = None, answer_timeout_s: float = 20.0) -> None:
+                 database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0) -> None:
         keys = api_keys or [k for k in os.environ.get("PRESENCE_API_KEYS", "").split(",") if k]
         if not keys:
             raise ValueError("no API keys configured: set PRESENCE_API_KEYS or the ingress's api_keys")
@@ -80,6 +81,10 @@ class Ingress:
         self.webhooks = WebhookSender()
         self.live: dict[str, dict[str, Any]] = {}
         self._starting = 0
+        # A created conversation holds a session slot until it joins or its join window passes, so
+        # admission happens at POST /v2/conversations, not later at the WebRTC offer.
+        self.join_window_s = join_window_s
+        self._reserved: dict[str, float] = {}
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _base(self, request: Request) -> str:
@@ -94,6 +99,20 @@ class Ingress:
         if row is None:
             raise HTTPException(404, f"conversation {conversation_id} not found")
         return row
+
+    def _slots_in_use(self) -> int:
+        now = time.time()
+        for cid in [c for c, until in self._reserved.items() if until < now or c in self.live]:
+            self._reserved.pop(cid, None)
+        return len(self.live) + self._starting + len(self._reserved)
+
+    def _capacity_response(self) -> JSONResponse:
+        metrics.REJECTED.inc()
+        return JSONResponse(
+            {"detail": f"every session slot is taken ({self.max_sessions}: all SessionHost replicas are full at "
+                       "max_replicas); nothing was created, try again later", "reason": "capacity",
+             "live_sessions": len(self.live), "max_sessions": self.max_sessions},
+            status_code=503, headers={"Retry-After": "10"})
 
     def _persona_data(self, persona_id: str | None) -> dict:
         if persona_id is None:
@@ -114,7 +133,7 @@ class Ingress:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(self):
-        return {"ok": True, "live_sessions": len(self.live)}
+        return {"ok": True, "live_sessions": len(self.live), "max_sessions": self.max_sessions}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(self):
@@ -167,14 +186,13 @@ class Ingress:
     async def create_conversation(self, body: ConversationIn, request: Request, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
         self._persona_data(body.persona_id)  # 404 on an unknown persona, before anything is created
-        if len(self.live) + self._starting >= self.max_sessions:
-            metrics.REJECTED.inc()
-            return JSONResponse({"detail": f"all {self.max_sessions} session slots are busy; try again shortly",
-                                 "reason": "capacity"}, status_code=503, headers={"Retry-After": "10"})
+        if self._slots_in_use() >= self.max_sessions:
+            return self._capacity_response()
         row = self.store.add_conversation(
             conversation_name=body.conversation_name, persona_id=body.persona_id, replica_id=body.replica_id or "r-stock",
             meeting_token=secrets.token_urlsafe(24), callback_url=str(body.callback_url) if body.callback_url else None,
             data=body.model_dump(mode="json", exclude={"callback_url"}), status="active")
+        self._reserved[row.conversation_id] = time.time() + self.join_window_s
         return conversation_json(row, self._base(request), with_token=True)
 
     @app.get("/v2/conversations")
@@ -191,6 +209,8 @@ class Ingress:
         self._auth(x_api_key)
         out = conversation_json(self._conversation(conversation_id), self._base(request))
         out["transcript"] = self.store.transcript(conversation_id)
+        if conversation_id in self.live:
+            out["session_host_replica"] = self.live[conversation_id].get("replica")
         return out
 
     @app.post("/v2/conversations/{conversation_id}/end")
@@ -234,10 +254,11 @@ class Ingress:
                 raise HTTPException(400, f"bad offer JSON: {exc.errors(include_url=False)}") from exc
         else:
             raise HTTPException(415, "send the SDP offer as application/sdp (or JSON {type: offer, sdp})")
-        if len(self.live) + self._starting >= self.max_sessions:
-            metrics.REJECTED.inc()
-            return JSONResponse({"detail": "no session capacity left", "reason": "capacity"}, status_code=503,
-                                headers={"Retry-After": "10"})
+        reserved = self._reserved.pop(conversation_id, None)
+        if self._slots_in_use() >= self.max_sessions:
+            if reserved is not None:
+                self._reserved[conversation_id] = reserved
+            return self._capacity_response()
         persona = self._persona_data(row.persona_id)
         data = row.data
         spec = {
@@ -251,16 +272,17 @@ class Ingress:
             gen = self.host.options(stream=True).run.remote(spec)
             try:
                 first = await asyncio.wait_for(gen.__anext__(), timeout=self.answer_timeout_s)
-            except (TimeoutError, StopAsyncIteration):
+            except (TimeoutError, StopAsyncIteration, BackPressureError) as exc:
                 gen.cancel()
-                return JSONResponse({"detail": "no session host answered in time", "reason": "capacity"},
-                                    status_code=503, headers={"Retry-After": "10"})
+                why = ("every SessionHost queue is full" if isinstance(exc, BackPressureError)
+                       else "no session host answered in time")
+                return JSONResponse({"detail": why, "reason": "capacity"}, status_code=503, headers={"Retry-After": "10"})
         finally:
             self._starting -= 1
         if first["type"] == "error":
             raise HTTPException(first.get("status", 400), first["detail"])
         metrics.SESSIONS_TOTAL.inc()
-        self.live[conversation_id] = {"gen": gen, "started": time.time(), "reason": None}
+        self.live[conversation_id] = {"gen": gen, "started": time.time(), "reason": None, "replica": first.get("replica")}
         metrics.LIVE_SESSIONS.set(len(self.live))
         self.live[conversation_id]["task"] = asyncio.ensure_future(self._consume(conversation_id, gen, row.callback_url))
         return Response(first["sdp"], status_code=201, media_type="application/sdp",
@@ -308,6 +330,7 @@ class Ingress:
                                                 transcript=self.store.transcript(cid)))
 
     async def _end(self, cid: str, reason: str) -> None:
+        self._reserved.pop(cid, None)
         entry = self.live.get(cid)
         if entry is None:
             self.store.set_status(cid, "ended", reason)

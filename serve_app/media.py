@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -162,7 +163,8 @@ class AvatarVideoTrack(MediaStreamTrack):
         self._index = 0
         self._render_s = 0.02
         self.frames_sent = 0
-        self.render_ms: list[float] = []
+        self.render_ms: deque[float] = deque(maxlen=600)  # the last ~50 s at 12 fps
+        self.on_render: Callable[[float], None] | None = None  # frame-time sink (autoscaling stats)
 
     async def recv(self) -> av.VideoFrame:
         t = self._index / self.fps
@@ -176,8 +178,9 @@ class AvatarVideoTrack(MediaStreamTrack):
         rgb = await asyncio.to_thread(self.render, t)
         dt = time.perf_counter() - t0
         self._render_s = 0.8 * self._render_s + 0.2 * dt
-        if len(self.render_ms) < 10000:
-            self.render_ms.append(dt * 1000)
+        self.render_ms.append(dt * 1000)
+        if self.on_render is not None:
+            self.on_render(dt * 1000)
         await self.clock.sleep_until(t)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = int(round(t * VIDEO_CLOCK))

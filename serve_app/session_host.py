@@ -13,7 +13,7 @@ import time
 
 from ray import serve
 
-from deployments.common import limit_threads
+from deployments.common import ServiceTimes, limit_threads
 from models.assets import onnx_session, silero_vad_onnx
 from models.avatar.head import build_head
 from models.avatar.render import CPUAvatarRenderer, Pose
@@ -23,7 +23,7 @@ from serve_app.pipeline import BadOffer, ConversationSession, Handles, SessionSp
 log = logging.getLogger("presence.host")
 
 
-@serve.deployment(max_ongoing_requests=2, max_queued_requests=2, graceful_shutdown_timeout_s=1800,
+@serve.deployment(max_ongoing_requests=2, max_queued_requests=2, graceful_shutdown_timeout_s=4 * 3600,
                   ray_actor_options={"num_cpus": 0})
 class SessionHost:
     def __init__(self, turn, asr, llm, tts, video: dict | None = None) -> None:
@@ -39,6 +39,12 @@ class SessionHost:
         CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
         self.sessions: dict[str, ConversationSession] = {}
         self.started_at = time.time()
+        self.reply_times = ServiceTimes(window_s=60.0)  # speech end -> first reply audio sent, per turn
+        self.frame_times = ServiceTimes(window_s=10.0)  # avatar render time per frame
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (never in production)
+            self.replica_id = "local"
 
     async def run(self, spec: dict):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
@@ -51,11 +57,16 @@ class SessionHost:
             yield {"type": "error", "status": 400, "detail": str(exc)}
             return
         self.sessions[session.cid] = session
-        yield {"type": "answer", "sdp": answer}
+        session.video_out.on_render = self.frame_times.add
+        yield {"type": "answer", "sdp": answer, "replica": self.replica_id}
         runner = asyncio.ensure_future(session.run())
         try:
             while True:
                 ev = await session.events.get()
+                if ev["event_type"] == "conversation.turn_timings":
+                    sent = ev["properties"]["ms_from_speech_end"].get("first_audio_sent")
+                    if sent is not None:
+                        self.reply_times.add(sent)
                 yield {"type": "event", "event": ev}
                 if ev["event_type"] == "system.shutdown":
                     break
@@ -70,7 +81,10 @@ class SessionHost:
             await session.close()
 
     async def sessions_info(self) -> dict:
-        return {cid: {"turns": s.turns, "frames_sent": s.video_out.frames_sent} for cid, s in self.sessions.items()}
+        return {cid: {"turns": s.turns, "frames_sent": s.video_out.frames_sent, "replica": self.replica_id}
+                for cid, s in self.sessions.items()}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"sessions": float(len(self.sessions))}
+        """What autoscaling.policy.SessionHostPolicy scales on."""
+        return {"sessions": float(len(self.sessions)), "reply_p95_ms": self.reply_times.p95(),
+                "frame_p95_ms": self.frame_times.p95()}
