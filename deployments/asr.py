@@ -8,6 +8,7 @@ import time
 from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads, warmup_audio
+from deployments.gpu_metrics import start_gpu_metrics
 from models.asr import WhisperASR
 from models.audio import pcm16_to_float
 
@@ -16,6 +17,7 @@ from models.audio import pcm16_to_float
 class ASR:
     def __init__(self, model: str | None = None, device: str = "cpu", compute_type: str = "int8") -> None:
         limit_threads()
+        self.gpu_metrics = start_gpu_metrics("ASR")
         # Two CTranslate2 workers: a final transcript (which a turn waits for) never queues behind a
         # speculative mid-speech one that is already running.
         self.model = WhisperASR(model, device=device, compute_type=compute_type, num_workers=2)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads
+from deployments.gpu_metrics import start_gpu_metrics
 from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM
 
 
@@ -28,6 +29,7 @@ def make_backend(kind: str, **kw):
 class LLM:
     def __init__(self, backend: str = "llamacpp", backend_args: dict | None = None) -> None:
         limit_threads()
+        self.gpu_metrics = start_gpu_metrics("LLM")
         self.backend = make_backend(backend, **(backend_args or {}))
         self._external: dict[tuple, OpenAICompatibleLLM] = {}
         self.ttft = ServiceTimes()

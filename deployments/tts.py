@@ -8,6 +8,7 @@ import time
 from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads
+from deployments.gpu_metrics import start_gpu_metrics
 from models.audio import float_to_pcm16
 from models.tts import PiperTTS
 
@@ -16,6 +17,7 @@ from models.tts import PiperTTS
 class TTS:
     def __init__(self, use_cuda: bool = False) -> None:
         limit_threads()
+        self.gpu_metrics = start_gpu_metrics("TTS")
         self.model = PiperTTS(use_cuda=use_cuda)
         self.times = ServiceTimes()
         self._lock = asyncio.Lock()

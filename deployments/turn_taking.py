@@ -8,6 +8,7 @@ import numpy as np
 from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads, warmup_audio
+from deployments.gpu_metrics import start_gpu_metrics
 from models.audio import pcm16_to_float
 from models.turn import SmartTurn, fuse
 
@@ -16,6 +17,7 @@ from models.turn import SmartTurn, fuse
 class TurnTaking:
     def __init__(self, threshold: float = 0.5) -> None:
         limit_threads()
+        self.gpu_metrics = start_gpu_metrics("TurnTaking")
         self.model = SmartTurn()
         self.threshold = threshold
         self.times = ServiceTimes()

@@ -14,6 +14,7 @@ import time
 from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads
+from deployments.gpu_metrics import start_gpu_metrics
 from models.assets import onnx_session, silero_vad_onnx
 from models.avatar.head import build_head
 from models.avatar.render import CPUAvatarRenderer, Pose
@@ -28,6 +29,7 @@ log = logging.getLogger("presence.host")
 class SessionHost:
     def __init__(self, turn, asr, llm, tts, video: dict | None = None) -> None:
         limit_threads()
+        self.gpu_metrics = start_gpu_metrics("SessionHost")
         apply_policy()
         video = video or {}
         self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts)

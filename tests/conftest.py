@@ -22,7 +22,7 @@ def presence(tmp_path_factory):
     from ray import serve
 
     db = tmp_path_factory.mktemp("db") / "presence.db"
-    yield start_local_app(API_KEY, f"sqlite:///{db}", max_sessions=2, num_gpus=4)
+    yield start_local_app(API_KEY, f"sqlite:///{db}", max_sessions=2, num_gpus=1)
     serve.shutdown()
     ray.shutdown()
 
