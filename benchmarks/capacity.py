@@ -101,9 +101,16 @@ async def run_step(url: str, key: str, clips: dict, sessions: int, turns: int) -
     rss_samples: list[tuple[float, float]] = []
     stop = asyncio.Event()
 
+    gpu_samples: list[float] = []
+
     async def sample_memory() -> None:
+        from deployments.gpu_metrics import read_gpu_stats
+
         while not stop.is_set():
             rss_samples.append((process_rss_mb("ray::ServeReplica:presence:SessionHost")[0], process_rss_mb("ray::")[0]))
+            gpu = read_gpu_stats()
+            if gpu.available and gpu.gpus:
+                gpu_samples.append(float(np.mean([g.utilization_pct for g in gpu.gpus])))
             try:
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
             except TimeoutError:
@@ -125,6 +132,7 @@ async def run_step(url: str, key: str, clips: dict, sessions: int, turns: int) -
         "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
         "fps": round(float(np.mean([r["fps"] for r in results])), 2),
         "cpu_pct": round(100.0 * (busy1 - busy0) / max(1.0, total1 - total0), 1),
+        "gpu_pct": round(float(np.mean(gpu_samples)), 1) if gpu_samples else None,  # None: no GPU (pynvml says why)
         "rss_mb": round(all_rss, 1), "session_host_rss_mb": round(host_rss, 1),
         "rss_mb_per_session": round(host_rss / sessions, 1) if sessions else None,
         "wall_s": round(wall, 1), "errors": [r["error"] for r in results if r["error"]],
