@@ -21,6 +21,7 @@ from models.assets import whisper_tiny_en
 SAMPLE_RATE = 16000
 _HOP = 160  # whisper mel frames are 10 ms
 _FULL_FRAMES = 3000
+_LEAD_SAMPLES = 4000  # 0.25 s
 
 
 @dataclass
@@ -102,10 +103,12 @@ class WhisperASR:
         """Decode over a window just long enough for the audio; None when the result is doubtful."""
         import ctranslate2
 
-        frames = min(_FULL_FRAMES, max(self.min_frames, int(np.ceil((audio.size / _HOP + 300) / 100)) * 100))
-        # Pad with real silence before the mel transform, as whisper pads its 30 s window.
+        lead = _LEAD_SAMPLES
+        frames = min(_FULL_FRAMES, max(self.min_frames, int(np.ceil(((audio.size + lead) / _HOP + 300) / 100)) * 100))
+        # Pad with real silence before the mel transform, as whisper pads its 30 s window; a little
+        # silence ahead too, because a shortened window misreads speech that starts on its first frame.
         padded = np.zeros(frames * _HOP + _HOP, dtype=np.float32)
-        padded[: audio.size] = audio
+        padded[lead: lead + audio.size] = audio
         features = self._model.feature_extractor(padded)[:, :frames]
         features = np.ascontiguousarray(features[None], dtype=np.float32)
         tok = self._tokenizer
