@@ -2,7 +2,8 @@
 
 Writes benchmarks/results/render.json ({rows: [{backend, width, height, gaussians, sessions,
 render_ms, encode_ms}], lipsync_offset_ms, ...}) and benchmarks/results/expressions.png.
-Only the CPU rasteriser is measured here (no GPU on this box); one thread, as in the CPU profile.
+The CPU rasteriser is measured with one thread, as in the CPU profile; where CUDA is present,
+gsplat is measured too, with 1, 4 and 16 sessions per batched rasterization() call.
 
     python benchmarks/render.py [--quick]
 """
@@ -63,6 +64,35 @@ def time_session(head, w: int, h: int, frames: int) -> dict:
             enc_ms[name].append((time.perf_counter() - t0) * 1000)
     return {"render_ms": float(np.median(render_ms)), "encode_ms": float(np.median(enc_ms["vp8"])),
             "encode_ms_h264": float(np.median(enc_ms["h264"]))}
+
+
+def time_gsplat(head, w: int, h: int, sessions: int, frames: int) -> dict:
+    """gsplat on CUDA: `sessions` heads rendered per rasterization() call (models/avatar/render_gsplat.py).
+    render_ms is per call (all sessions' frames), synchronised with the GPU."""
+    import torch
+
+    from models.avatar.render_gsplat import GsplatBatchRenderer
+
+    r = GsplatBatchRenderer({"stock": head}, w, h, device="cuda")
+    r.render_batch([("stock", Pose())] * sessions)  # JIT-compiles gsplat's kernels
+    times = []
+    for i in range(frames):
+        poses = [("stock", Pose().set(jaw_open=0.5 + 0.5 * np.sin(i / 2.0 + s))) for s in range(sessions)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r.render_batch(poses)  # includes the copy of the frames back to the host, as a session needs
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"render_ms": float(np.median(times)), "render_ms_per_session": float(np.median(times)) / sessions}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def lipsync_offset_ms(fps: int = 60) -> float:
@@ -138,10 +168,20 @@ def main() -> None:
             rows.append({"backend": "cpu-numba-1thread", "width": w, "height": h, "gaussians": len(head),
                          "sessions": 1, **{k: round(v, 2) for k, v in res.items()}})
             print(rows[-1], flush=True)
+    if cuda_available():  # the gpu profile's backend, batched as SessionHost batches sessions
+        for g in [20000, 50000]:
+            head = build_head(g)
+            for w, h in [(256, 256), (512, 512), (1280, 720)]:
+                for b in (1, 4, 16):
+                    res = time_gsplat(head, w, h, b, frames)
+                    rows.append({"backend": "gsplat-cuda", "width": w, "height": h, "gaussians": len(head),
+                                 "sessions": b, **{k: round(v, 3) for k, v in res.items()}})
+                    print(rows[-1], flush=True)
     offset = lipsync_offset_ms()
     contact_sheet(RESULTS / "expressions.png")
     out = {"benchmark": "render", "rows": rows, "lipsync_offset_ms": offset,
-           "notes": "CPU rasteriser only: no GPU on this machine. encode_ms = VP8 realtime incl. RGB->YUV; "
+           "notes": ("" if cuda_available() else "CPU rasteriser only: no GPU on this machine. ")
+                    + "encode_ms = VP8 realtime incl. RGB->YUV; "
                     "encode_ms_h264 = x264 ultrafast/zerolatency incl. RGB->YUV. Medians."}
     (RESULTS / "render.json").write_text(json.dumps(out, indent=2))
     print("lipsync_offset_ms", offset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -20,12 +21,9 @@ def limit_threads() -> None:
     """Give ONNX Runtime, torch, numba and BLAS one thread each (2-core boxes thrash otherwise)."""
     for k, v in ONE_THREAD_ENV.items():
         os.environ.setdefault(k, v)
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # only if something loaded it: importing torch costs ~300 MB per process
+    if torch is not None:
         torch.set_num_threads(1)
-    except Exception:  # torch is optional at run time
-        pass
 
 
 def warmup_audio(seconds: float = 1.0) -> np.ndarray:

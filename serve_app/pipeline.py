@@ -21,7 +21,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError
 
 from models.avatar.animate import Animator, SpeechTrack
-from models.avatar.render import CPUAvatarRenderer, Pose
+from models.avatar.render import AvatarRenderer, Pose
 from models.llm import ReplyShaper, build_messages, context_start
 from models.turn import fuse, is_backchannel
 from models.vad import CHUNK, SileroVAD, SpeechSegmenter
@@ -88,7 +88,7 @@ class Reply:
 class ConversationSession:
     """One live conversation: the peer connection, the media clock and the turn-taking loop."""
 
-    def __init__(self, spec: SessionSpec, handles: Handles, renderer: CPUAvatarRenderer, vad_session,
+    def __init__(self, spec: SessionSpec, handles: Handles, renderer: AvatarRenderer, vad_session,
                  fps: float) -> None:
         self.spec = spec
         self.cid = spec.conversation_id

@@ -38,7 +38,20 @@ class SessionHost:
         self.fps = float(video.get("fps", 15))
         self.head = build_head(int(video.get("gaussians", 20000)))
         self.vad_session = onnx_session(silero_vad_onnx())
-        CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
+        self.backend = video.get("backend", "cpu")
+        self.batcher = None
+        if self.backend == "gsplat":
+            # One gsplat call renders every live session's frame (models/avatar/batching.py).
+            from models.avatar.batching import FrameBatcher
+            from models.avatar.render_gsplat import GsplatBatchRenderer
+
+            gpu = GsplatBatchRenderer({"stock": self.head}, self.width, self.height, device="cuda")
+            self.batcher = FrameBatcher(gpu.render_batch, max_batch=int(video.get("max_batch", 16)))
+            gpu.render_batch([("stock", Pose())])  # compile gsplat's kernels now, not in the first session
+        elif self.backend == "cpu":
+            CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
+        else:
+            raise ValueError(f"video backend {self.backend!r}: expected 'cpu' or 'gsplat'")
         self.sessions: dict[str, ConversationSession] = {}
         self.started_at = time.time()
         self.reply_times = ServiceTimes(window_s=60.0)  # speech end -> first reply audio sent, per turn
@@ -51,7 +64,12 @@ class SessionHost:
     async def run(self, spec: dict):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
         spec_obj = SessionSpec(**spec)
-        renderer = CPUAvatarRenderer(self.head, self.width, self.height)
+        if self.batcher is not None:
+            from models.avatar.batching import BatchedRenderer
+
+            renderer = BatchedRenderer(self.batcher)
+        else:
+            renderer = CPUAvatarRenderer(self.head, self.width, self.height)
         session = ConversationSession(spec_obj, self.handles, renderer, self.vad_session, self.fps)
         try:
             answer = await session.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -59,6 +60,12 @@ class PosedHead:
         covs = self._covs.copy()
         covs[self._rigid] = R @ self._covs[self._rigid] @ R.T
         return means, covs
+
+
+class AvatarRenderer(Protocol):
+    """What a session renders with: CPUAvatarRenderer, or BatchedRenderer on a shared gsplat batch."""
+
+    def render(self, pose: Pose) -> np.ndarray: ...
 
 
 class CPUAvatarRenderer:
