@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from models.avatar.fit import IMAGE_TYPES, VIDEO_TYPES, MediaError, probe_media
 from serve_app import metrics
-from serve_app.db import ConversationRow, PersonaRow, Store
+from serve_app.db import ConversationRow, PersonaRow, ReplicaRow, Store
 from serve_app.events import event, goes_to_callback
 from serve_app.schemas import DEFAULT_PERSONA, ConversationIn, OfferJSON, PersonaIn, PersonaPatch
 from serve_app.webhooks import WebhookSender
@@ -26,6 +27,8 @@ from serve_app.webhooks import WebhookSender
 log = logging.getLogger("presence.api")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # 1 MiB: no JSON body or SDP offer is anywhere near this
+MAX_UPLOAD = 50 << 20  # replica training media (POST /v2/replicas)
+STOCK_REPLICA = "r-stock"
 
 app = FastAPI(title="Presence", version="0.1.0",
               description="Real-time AI humans: conversations, personas and replicas over WebRTC.")
@@ -35,8 +38,9 @@ app.mount("/static", StaticFiles(directory=STATIC), name="static")
 @app.middleware("http")
 async def limit_body(request: Request, call_next):
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        return JSONResponse({"detail": f"body larger than {MAX_BODY} bytes"}, status_code=413)
+    limit = MAX_UPLOAD if request.url.path.rstrip("/") == "/v2/replicas" else MAX_BODY
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse({"detail": f"body larger than {limit} bytes"}, status_code=413)
     return await call_next(request)
 
 
@@ -47,6 +51,20 @@ def persona_json(row: PersonaRow) -> dict:
         layers = {**layers, "llm": {**layers["llm"], "api_key": "***"}}  # never echo secrets
     return {"persona_id": row.persona_id, **data, "layers": layers,
             "created_at": row.created_at, "updated_at": row.updated_at}
+
+
+def _done(response) -> bool:
+    try:
+        response.result(timeout_s=0)
+        return True
+    except Exception as exc:
+        return not isinstance(exc, TimeoutError)
+
+
+def replica_json(row: ReplicaRow) -> dict:
+    data = {k: v for k, v in (row.data or {}).items() if k != "head_path"}
+    return {"replica_id": row.replica_id, "replica_name": row.replica_name, "status": row.status,
+            "created_at": row.created_at, "updated_at": row.updated_at, **data}
 
 
 def conversation_json(row: ConversationRow, base_url: str, with_token: bool = False) -> dict:
@@ -65,7 +83,7 @@ def conversation_json(row: ConversationRow, base_url: str, with_token: bool = Fa
 @serve.deployment(max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, session_host, api_keys: list[str] | None = None, max_sessions: int = 2,
+    def __init__(self, session_host, trainer=None, api_keys: list[str] | None = None, max_sessions: int = 2,
                  ice_servers: list[dict] | None = None, public_url: str | None = None,
                  database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0) -> None:
         keys = api_keys or [k for k in os.environ.get("PRESENCE_API_KEYS", "").split(",") if k]
@@ -78,6 +96,10 @@ class Ingress:
         self.public_url = public_url
         self.answer_timeout_s = answer_timeout_s
         self.store = Store(database_url)
+        self.trainer = trainer
+        self._training: set = set()  # in-flight fit responses (kept referenced until done)
+        if self.store.get_replica(STOCK_REPLICA) is None:
+            self.store.add_replica("Stock", status="ready", data={"stock": True}, replica_id=STOCK_REPLICA)
         self.webhooks = WebhookSender()
         self.live: dict[str, dict[str, Any]] = {}
         self._starting = 0
@@ -113,6 +135,14 @@ class Ingress:
                        "max_replicas); nothing was created, try again later", "reason": "capacity",
              "live_sessions": len(self.live), "max_sessions": self.max_sessions},
             status_code=503, headers={"Retry-After": "10"})
+
+    def _ready_replica(self, replica_id: str) -> ReplicaRow:
+        row = self.store.get_replica(replica_id)
+        if row is None:
+            raise HTTPException(404, f"replica {replica_id} not found")
+        if row.status != "ready":
+            raise HTTPException(409, f"replica {replica_id} is {row.status}, not ready")
+        return row
 
     def _persona_data(self, persona_id: str | None) -> dict:
         if persona_id is None:
@@ -181,15 +211,85 @@ class Ingress:
             raise HTTPException(404, f"persona {persona_id} not found")
         return Response(status_code=204)
 
+    def _replica_head(self, replica_id: str | None) -> str | None:
+        replica = self.store.get_replica(replica_id or STOCK_REPLICA)
+        if replica is None or replica.status != "ready":
+            raise HTTPException(409, f"replica {replica_id} is no longer available")
+        return (replica.data or {}).get("head_path")
+
+    # --- replicas --------------------------------------------------------------------------------------
+    @app.post("/v2/replicas", status_code=200)
+    async def create_replica(self, request: Request, x_api_key: str | None = Header(None)):
+        """Multipart upload: `train_video` (a short video or a photo) and `replica_name`. The replica is
+        `training` until a ReplicaTrainer has fitted the head, then `ready` (or `error`, with why)."""
+        self._auth(x_api_key)
+        if self.trainer is None:
+            raise HTTPException(503, "replica training is not deployed in this profile")
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise HTTPException(415, "send multipart/form-data with a train_video (video or photo) field")
+        form = await request.form(max_files=1, max_fields=8, max_part_size=MAX_UPLOAD)
+        upload = form.get("train_video") or form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "missing file field train_video")
+        data = await upload.read()
+        if len(data) > MAX_UPLOAD:
+            raise HTTPException(413, f"file larger than {MAX_UPLOAD} bytes")
+        media_type = (upload.content_type or "").lower()
+        if media_type not in IMAGE_TYPES | VIDEO_TYPES:
+            raise HTTPException(415, f"unsupported media type {media_type!r}: use one of "
+                                     f"{sorted(IMAGE_TYPES | VIDEO_TYPES)}")
+        try:
+            probe = await asyncio.to_thread(probe_media, data, media_type)
+        except MediaError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        name = str(form.get("replica_name") or "")[:200]
+        row = self.store.add_replica(name, status="training", data={"media": probe})
+        # The trainer records the outcome in the database itself: the fit outlives this request.
+        self._training.add(self.trainer.fit.remote(row.replica_id, data, media_type))
+        if len(self._training) > 64:
+            self._training = {r for r in self._training if not _done(r)}
+        return replica_json(row)
+
+    @app.get("/v2/replicas")
+    async def list_replicas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1),
+                            x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        rows, total = self.store.list_replicas(limit, (page - 1) * limit)
+        return {"data": [replica_json(r) for r in rows], "total_count": total}
+
+    @app.get("/v2/replicas/{replica_id}")
+    async def get_replica(self, replica_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        row = self.store.get_replica(replica_id)
+        if row is None:
+            raise HTTPException(404, f"replica {replica_id} not found")
+        return replica_json(row)
+
+    @app.delete("/v2/replicas/{replica_id}", status_code=204)
+    async def delete_replica(self, replica_id: str, x_api_key: str | None = Header(None)):
+        self._auth(x_api_key)
+        if replica_id == STOCK_REPLICA:
+            raise HTTPException(409, "the stock replica cannot be deleted")
+        row = self.store.get_replica(replica_id)
+        if row is None or not self.store.delete_replica(replica_id):
+            raise HTTPException(404, f"replica {replica_id} not found")
+        head = (row.data or {}).get("head_path")
+        if head:  # its files go too; live conversations keep the head they loaded
+            for path in (Path(head), Path(head).with_name("head.rig.npz")):
+                path.unlink(missing_ok=True)
+        return Response(status_code=204)
+
     # --- conversations -----------------------------------------------------------------------------------
     @app.post("/v2/conversations")
     async def create_conversation(self, body: ConversationIn, request: Request, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
         self._persona_data(body.persona_id)  # 404 on an unknown persona, before anything is created
+        self._ready_replica(body.replica_id or STOCK_REPLICA)
         if self._slots_in_use() >= self.max_sessions:
             return self._capacity_response()
         row = self.store.add_conversation(
-            conversation_name=body.conversation_name, persona_id=body.persona_id, replica_id=body.replica_id or "r-stock",
+            conversation_name=body.conversation_name, persona_id=body.persona_id, replica_id=body.replica_id or STOCK_REPLICA,
             meeting_token=secrets.token_urlsafe(24), callback_url=str(body.callback_url) if body.callback_url else None,
             data=body.model_dump(mode="json", exclude={"callback_url"}), status="active")
         self._reserved[row.conversation_id] = time.time() + self.join_window_s
@@ -266,6 +366,7 @@ class Ingress:
             "conversational_context": data.get("conversational_context", ""),
             "custom_greeting": data.get("custom_greeting"), "properties": data.get("properties", {}),
             "ice_servers": self.ice_servers,
+            "replica_head": self._replica_head(row.replica_id),
         }
         self._starting += 1
         try:

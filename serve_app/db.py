@@ -1,4 +1,4 @@
-"""Persistence through SQLAlchemy: personas, conversations and transcripts.
+"""Persistence through SQLAlchemy: personas, replicas, conversations and transcripts.
 
 SQLite file by default; set DATABASE_URL (e.g. postgresql+psycopg://...) for PostgreSQL.
 """
@@ -44,6 +44,16 @@ class ConversationRow(Base):
     shutdown_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ReplicaRow(Base):
+    __tablename__ = "replicas"
+    replica_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    replica_name: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="training")  # training | ready | error
+    data: Mapped[dict] = mapped_column(JSON)  # head_path, psnr, frames, error, ...
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class TranscriptRow(Base):
@@ -110,6 +120,42 @@ class Store:
     def delete_persona(self, persona_id: str) -> bool:
         with self.session() as s, s.begin():
             row = s.get(PersonaRow, persona_id)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    # replicas
+    def add_replica(self, name: str, status: str = "training", data: dict | None = None,
+                    replica_id: str | None = None) -> ReplicaRow:
+        row = ReplicaRow(replica_id=replica_id or new_id("r"), replica_name=name, status=status, data=data or {})
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_replica(self, replica_id: str) -> ReplicaRow | None:
+        with self.session() as s:
+            return s.get(ReplicaRow, replica_id)
+
+    def list_replicas(self, limit: int, offset: int) -> tuple[list[ReplicaRow], int]:
+        with self.session() as s:
+            total = s.scalar(select(func.count()).select_from(ReplicaRow))
+            rows = s.scalars(select(ReplicaRow).order_by(ReplicaRow.created_at).limit(limit).offset(offset)).all()
+            return list(rows), int(total or 0)
+
+    def update_replica(self, replica_id: str, status: str, **data: Any) -> ReplicaRow | None:
+        with self.session() as s, s.begin():
+            row = s.get(ReplicaRow, replica_id)
+            if row is None:
+                return None
+            row.status = status
+            row.data = {**(row.data or {}), **data}
+            row.updated_at = time.time()
+            return row
+
+    def delete_replica(self, replica_id: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(ReplicaRow, replica_id)
             if row is None:
                 return False
             s.delete(row)

@@ -57,6 +57,7 @@ class SessionSpec:
     custom_greeting: str | None = None
     properties: dict = field(default_factory=dict)
     ice_servers: list[dict] = field(default_factory=list)
+    replica_head: str | None = None  # a fitted replica's head file (None: the stock head)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from ray import serve
 from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.assets import onnx_session, silero_vad_onnx
-from models.avatar.head import build_head
+from models.avatar.head import Head, build_head
+from models.avatar.headfile import HeadFileError, load_head
 from models.avatar.render import CPUAvatarRenderer, Pose
 from serve_app.ice import apply_policy
 from serve_app.pipeline import BadOffer, ConversationSession, Handles, SessionSpec
@@ -45,14 +46,15 @@ class SessionHost:
             from models.avatar.batching import FrameBatcher
             from models.avatar.render_gsplat import GsplatBatchRenderer
 
-            gpu = GsplatBatchRenderer({"stock": self.head}, self.width, self.height, device="cuda")
-            self.batcher = FrameBatcher(gpu.render_batch, max_batch=int(video.get("max_batch", 16)))
-            gpu.render_batch([("stock", Pose())])  # compile gsplat's kernels now, not in the first session
+            self.gpu = GsplatBatchRenderer({"stock": self.head}, self.width, self.height, device="cuda")
+            self.batcher = FrameBatcher(self.gpu.render_batch, max_batch=int(video.get("max_batch", 16)))
+            self.gpu.render_batch([("stock", Pose())])  # compile gsplat's kernels now, not in the first session
         elif self.backend == "cpu":
             CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
         else:
             raise ValueError(f"video backend {self.backend!r}: expected 'cpu' or 'gsplat'")
         self.sessions: dict[str, ConversationSession] = {}
+        self._heads: dict[str, Head] = {}
         self.started_at = time.time()
         self.reply_times = ServiceTimes(window_s=60.0)  # speech end -> first reply audio sent, per turn
         self.frame_times = ServiceTimes(window_s=10.0)  # avatar render time per frame
@@ -64,12 +66,19 @@ class SessionHost:
     async def run(self, spec: dict):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
         spec_obj = SessionSpec(**spec)
+        try:
+            head_key, head = self._head(spec_obj.replica_head)
+        except (OSError, HeadFileError) as exc:
+            yield {"type": "error", "status": 409, "detail": f"the replica's head cannot be loaded: {exc}"}
+            return
         if self.batcher is not None:
             from models.avatar.batching import BatchedRenderer
 
-            renderer = BatchedRenderer(self.batcher)
+            if head_key not in self.gpu.keys:
+                self.gpu.add_head(head_key, head)
+            renderer = BatchedRenderer(self.batcher, head=head_key)
         else:
-            renderer = CPUAvatarRenderer(self.head, self.width, self.height)
+            renderer = CPUAvatarRenderer(head, self.width, self.height)
         session = ConversationSession(spec_obj, self.handles, renderer, self.vad_session, self.fps)
         try:
             answer = await session.start()
@@ -99,6 +108,16 @@ class SessionHost:
         finally:
             self.sessions.pop(session.cid, None)
             await session.close()
+
+    def _head(self, path: str | None) -> tuple[str, Head]:
+        """The stock head, or a fitted replica's head file (loaded once per replica process)."""
+        if not path:
+            return "stock", self.head
+        if path not in self._heads:
+            if len(self._heads) >= 32:  # bounded: drop the oldest loaded replica head
+                self._heads.pop(next(iter(self._heads)))
+            self._heads[path] = load_head(path)
+        return path, self._heads[path]
 
     async def sessions_info(self) -> dict:
         return {cid: {"turns": s.turns, "frames_sent": s.video_out.frames_sent, "replica": self.replica_id}

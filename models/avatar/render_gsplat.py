@@ -9,6 +9,7 @@ needs CUDA (gsplat has no CPU kernels).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,17 @@ class GsplatBatchRenderer:
         self.torch = torch
         self.device = torch.device(device)
         self.width, self.height = width, height
+        self._lock = threading.Lock()  # add_head (event loop) vs render_batch (batcher thread)
+        self._stack(heads)
+        self.pivot = torch.from_numpy(PIVOT.astype(np.float32)).to(self.device)
+        cam = portrait_camera(width, height)
+        self.viewmat = torch.from_numpy(cam.viewmat).to(self.device)
+        self.K = torch.from_numpy(cam.K).to(self.device)
+        self.background = torch.tensor(BACKGROUND, dtype=torch.float32, device=self.device)
+
+    def _stack(self, heads: dict[str, Head]) -> None:
+        """Puts the heads on the device, padded to one N with zero-opacity Gaussians."""
+        torch = self.torch
         self.keys = list(heads)
         n = max(len(h) for h in heads.values())
         k = len(CHANNELS)
@@ -46,11 +58,12 @@ class GsplatBatchRenderer:
         self.head_weight = stack([pad(h.head_weight) for h in hs])                           # [H, N]
         self.colors = stack([pad(h.splats.colors) for h in hs])                              # [H, N, 3]
         self.opacities = stack([pad(h.splats.opacities) for h in hs])                        # [H, N] (padding 0)
-        self.pivot = torch.from_numpy(PIVOT.astype(np.float32)).to(self.device)
-        cam = portrait_camera(width, height)
-        self.viewmat = torch.from_numpy(cam.viewmat).to(self.device)
-        self.K = torch.from_numpy(cam.K).to(self.device)
-        self.background = torch.tensor(BACKGROUND, dtype=torch.float32, device=self.device)
+        self.heads = dict(heads)
+
+    def add_head(self, key: str, head: Head) -> None:
+        """Adds a replica's head (re-stacks all heads; a handful of MB on the device)."""
+        with self._lock:
+            self._stack({**self.heads, key: head})
 
     def pose_batch(self, requests: Sequence[tuple[str, Pose]]):
         """World means [B, N, 3] and covariances [B, N, 3, 3] for B (head, pose) requests: the linear
@@ -88,7 +101,7 @@ class GsplatBatchRenderer:
         from gsplat import rasterization  # CUDA kernels, compiled by gsplat on first use
 
         torch = self.torch
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             colors, _, _ = rasterization(**self.rasterization_inputs(requests))  # [B, 1, H, W, 3]
             frames = (colors[:, 0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         return list(frames)

@@ -1,0 +1,69 @@
+"""ReplicaTrainer deployment: fits the stock head to an uploaded photo or video (models/avatar/fit.py)
+and writes the replica's head files (3DGS PLY + rig) where SessionHost replicas read them.
+
+On a cluster `replicas_dir` must be shared storage (NFS/EFS, or a mounted bucket): a SessionHost on
+another node loads the head from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from ray import serve
+
+from deployments.common import limit_threads
+from models.avatar.fit import MediaError, decode_media, fit_head
+from models.avatar.head import build_head
+from models.avatar.headfile import save_head
+from serve_app.db import Store
+
+log = logging.getLogger("presence.replicas")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_replicas_dir() -> Path:
+    return Path(os.environ.get("PRESENCE_REPLICAS_DIR", ROOT / "data" / "replicas"))
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=16, ray_actor_options={"num_cpus": 0})
+class ReplicaTrainer:
+    def __init__(self, replicas_dir: str | None = None, gaussians: int = 20000, database_url: str | None = None) -> None:
+        limit_threads()
+        self.store = Store(database_url)
+        self.dir = Path(replicas_dir) if replicas_dir else default_replicas_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.gaussians = gaussians
+
+    def _fit(self, replica_id: str, data: bytes, content_type: str) -> dict:
+        t0 = time.perf_counter()
+        frames = decode_media(data, content_type)
+        result = fit_head(build_head(self.gaussians), frames)
+        out = self.dir / replica_id
+        out.mkdir(parents=True, exist_ok=True)
+        ply, _ = save_head(result.head, out / "head.ply")
+        return {"status": "ready", "head_path": str(ply), "psnr_before": round(result.psnr_before, 2),
+                "psnr_after": round(result.psnr_after, 2), "frames_used": result.frames_used,
+                "frames_held_back": result.frames_held_back,
+                "align_score": round(float(min(result.align_scores)), 3) if result.align_scores else None,
+                "fit_s": round(time.perf_counter() - t0, 1)}
+
+    async def fit(self, replica_id: str, data: bytes, content_type: str) -> dict:
+        """Fit and save, and record the replica's new status and measurements (or the error) in the
+        database; returns the same record."""
+        try:
+            result = await asyncio.to_thread(self._fit, replica_id, data, content_type)
+        except MediaError as exc:
+            result = {"status": "error", "error": str(exc)}
+        except Exception as exc:  # never leave a replica "training" forever
+            log.exception("replica %s: fit failed", replica_id)
+            result = {"status": "error", "error": f"fit failed: {exc}"}
+        record = dict(result)
+        status = record.pop("status")
+        if self.store.get_replica(replica_id) is not None:  # deleted meanwhile: drop the result
+            self.store.update_replica(replica_id, status, **record)
+        return result

@@ -1,0 +1,153 @@
+"""Replicas: fitting the stock head to a face by differentiable rendering, and the /v2/replicas API
+end to end (upload, training on a real ReplicaTrainer, a conversation that shows the fitted face)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from models.avatar.head import PART_ID, build_head
+from models.avatar.render import CPUAvatarRenderer, Pose
+
+TINT = np.array([0.55, 0.75, 1.25], np.float32)  # a person whose skin reads much bluer than the stock head
+
+
+def person_photo(size: int = 160) -> bytes:
+    """A 'photo': the head with another skin colour, off-centre and smaller in a larger frame."""
+    from PIL import Image
+
+    head = build_head(20000)
+    skin = head.splats.labels == PART_ID["skin"]
+    head.splats.colors[skin] = np.clip(head.splats.colors[skin] * TINT, 0, 1)
+    face = CPUAvatarRenderer(head, size, size).render(Pose())
+    canvas = np.full((240, 320, 3), 200, np.uint8)
+    canvas[30:30 + size, 110:110 + size] = face
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def video_of(frames: list[np.ndarray], fps: int = 10) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_fit_recovers_a_face_and_measures_it_on_held_back_pixels():
+    from models.avatar.fit import decode_media, fit_head
+
+    frames = decode_media(person_photo(), "image/png")
+    result = fit_head(build_head(20000), frames)
+    print('psnr', result.psnr_before, result.psnr_after)
+    assert result.align_scores[0] > 0.8  # found the face in the larger frame
+    assert result.frames_held_back == 1
+    assert result.psnr_after > result.psnr_before + 3.0, (result.psnr_before, result.psnr_after)
+    cheek = (slice(58, 72), slice(38, 50))  # on a 128x128 render
+    fitted = CPUAvatarRenderer(result.head, 128, 128).render(Pose())[cheek].reshape(-1, 3).mean(0)
+    stock = CPUAvatarRenderer(build_head(20000), 128, 128).render(Pose())[cheek].reshape(-1, 3).mean(0)
+    assert fitted[2] / fitted[0] > 1.3 * stock[2] / stock[0], (fitted, stock)  # the skin turned blue, as in the photo
+
+
+def test_media_limits():
+    from models.avatar.fit import MediaError, probe_media
+
+    with pytest.raises(MediaError, match="not a readable image"):
+        probe_media(b"\x89PNG garbage", "image/png")
+    with pytest.raises(MediaError, match="unsupported"):
+        probe_media(b"hello", "text/plain")
+    tiny = np.zeros((32, 32, 3), np.uint8)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(tiny).save(buf, format="PNG")
+    with pytest.raises(MediaError, match="too small"):
+        probe_media(buf.getvalue(), "image/png")
+    long_video = video_of([np.zeros((64, 64, 3), np.uint8)] * 62, fps=1)
+    with pytest.raises(MediaError, match="at most 60 s"):
+        probe_media(long_video, "video/mp4")
+    with pytest.raises(MediaError, match="not a decodable video"):
+        probe_media(b"\x00" * 1000, "video/mp4")
+    ok = probe_media(video_of([np.zeros((96, 96, 3), np.uint8)] * 5), "video/mp4")
+    assert ok["kind"] == "video" and ok["width"] == 96
+
+
+def test_replica_api_and_a_conversation_with_the_fitted_face(idle, presence, api_key):
+    from benchmarks.rtc_client import PresenceRTCClient
+
+    h = {"x-api-key": api_key}
+    with httpx.Client(base_url=presence, headers=h, timeout=60) as http:
+        stock = http.get("/v2/replicas/r-stock").json()
+        assert stock["status"] == "ready" and any(r["replica_id"] == "r-stock" for r in http.get("/v2/replicas").json()["data"])
+        assert http.delete("/v2/replicas/r-stock").status_code == 409
+        assert httpx.post(f"{presence}/v2/replicas").status_code == 401
+        assert http.post("/v2/replicas", json={"x": 1}).status_code == 415
+        no_file = http.post("/v2/replicas", data={"replica_name": "nofile"}, files={"other": ("a", b"x", "text/plain")})
+        assert no_file.status_code == 400
+        assert http.post("/v2/replicas", files={"train_video": ("a.txt", b"hi", "text/plain")}).status_code == 415
+        bad = http.post("/v2/replicas", files={"train_video": ("a.png", b"\x89PNG nope", "image/png")})
+        assert bad.status_code == 422 and "image" in bad.json()["detail"]
+        assert http.get("/v2/replicas/rnope").status_code == 404
+        assert http.post("/v2/conversations", json={"replica_id": "rnope"}).status_code == 404
+
+        photo = {"train_video": ("me.png", person_photo(), "image/png")}
+        r = http.post("/v2/replicas", data={"replica_name": "blue"}, files=photo)
+        assert r.status_code == 200, r.text
+        rid = r.json()["replica_id"]
+        assert r.json()["status"] == "training"
+        deadline = time.time() + 240
+        while (got := http.get(f"/v2/replicas/{rid}").json())["status"] == "training" and time.time() < deadline:
+            time.sleep(1)
+        assert got["status"] == "ready", got
+        assert got["psnr_after"] > got["psnr_before"] + 3.0 and "head_path" not in got
+
+    async def frames_of(replica_id: str) -> np.ndarray:
+        client = PresenceRTCClient(presence, api_key)
+        try:
+            await client.create(replica_id=replica_id, conversation_name=f"face-{replica_id}")
+            await client.connect()
+            for _ in range(100):
+                if client.rx.frames >= 5:
+                    break
+                await asyncio.sleep(0.1)
+            return client.rx.last_frame.astype(np.float32)
+        finally:
+            await client.end()
+            await client.close()
+
+    fitted = asyncio.run(frames_of(rid))
+    stock_frame = asyncio.run(frames_of("r-stock"))
+    h_, w_ = fitted.shape[:2]
+    cheek = (slice(int(h_ * 0.45), int(h_ * 0.6)), slice(int(w_ * 0.3), int(w_ * 0.4)))
+    f, s = fitted[cheek].reshape(-1, 3).mean(0), stock_frame[cheek].reshape(-1, 3).mean(0)
+    assert f[2] / f[0] > 1.2 * s[2] / s[0], (f, s)  # the conversation shows the fitted (blue) face
+
+    with httpx.Client(base_url=presence, headers=h) as http:
+        assert http.delete(f"/v2/replicas/{rid}").status_code == 204
+        assert http.get(f"/v2/replicas/{rid}").status_code == 404
+
+
+def test_fit_from_a_video_holds_back_frames():
+    from PIL import Image
+
+    from models.avatar.fit import decode_media, fit_head
+
+    photo = np.asarray(Image.open(io.BytesIO(person_photo())).convert("RGB"))
+    frames = decode_media(video_of([np.roll(photo, 2 * i, axis=1) for i in range(8)]), "video/mp4")
+    assert len(frames) == 8
+    result = fit_head(build_head(20000), frames, size=64, color_steps=30, offset_steps=10)
+    assert result.frames_held_back == 2 and result.frames_used == 6
+    assert result.psnr_after > result.psnr_before + 2.0, (result.psnr_before, result.psnr_after)
