@@ -12,15 +12,15 @@ from models.avatar.camera import Camera
 EPS2D = 0.3  # low-pass added to each 2D covariance, as gsplat does (antialiased=False)
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
-T_MIN = 1e-4
+T_MIN = 1.0 / 255.0  # what is left behind a pixel this opaque cannot change its 8-bit value by more than 1
 TILE = 16
 
 
-def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01):
-    """EWA projection of world Gaussians: 2D means, conics (a, b, c), radii (px), depths.
+def project_reference(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01):
+    """EWA projection of world Gaussians in numpy: 2D means, conics (a, b, c), radii (px), depths.
 
     Equivalent to gsplat's fully-fused projection for a pinhole camera; radius is 3 sigma of the
-    larger eigenvalue. Gaussians behind `near` get radius 0.
+    larger eigenvalue. Gaussians behind `near` get radius 0. `project` is the same maths in numba.
     """
     R = cam.viewmat[:3, :3].astype(np.float32)
     t = cam.viewmat[:3, 3].astype(np.float32)
@@ -51,6 +51,105 @@ def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01
     return means2d, conics, radii, pc[:, 2].astype(np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _project_kernel(means, covs, pose_R, rigid, vR, vt, fx, fy, cx, cy, width, height, near,
+                    means2d, conics, radii, depths):
+    """Per Gaussian: optionally rotate its covariance by the head pose (rigid), then the EWA
+    projection of project_reference. One pass, no temporaries (the numpy version allocates ~10)."""
+    lim_x0 = -(cx + 0.3 * width) / fx
+    lim_x1 = (width - cx + 0.3 * width) / fx
+    lim_y0 = -(cy + 0.3 * height) / fy
+    lim_y1 = (height - cy + 0.3 * height) / fy
+    C = np.empty((3, 3), dtype=np.float32)
+    M = np.empty((3, 3), dtype=np.float32)
+    for n in range(means.shape[0]):
+        # world covariance (rigidly rotated with the head where it follows the head)
+        if rigid[n]:
+            for i in range(3):
+                for j in range(3):
+                    acc = 0.0
+                    for k in range(3):
+                        acc += pose_R[i, k] * covs[n, k, j]
+                    M[i, j] = acc
+            for i in range(3):
+                for j in range(3):
+                    acc = 0.0
+                    for k in range(3):
+                        acc += M[i, k] * pose_R[j, k]
+                    C[i, j] = acc
+        else:
+            for i in range(3):
+                for j in range(3):
+                    C[i, j] = covs[n, i, j]
+        # camera space
+        x = vR[0, 0] * means[n, 0] + vR[0, 1] * means[n, 1] + vR[0, 2] * means[n, 2] + vt[0]
+        y = vR[1, 0] * means[n, 0] + vR[1, 1] * means[n, 1] + vR[1, 2] * means[n, 2] + vt[1]
+        zr = vR[2, 0] * means[n, 0] + vR[2, 1] * means[n, 1] + vR[2, 2] * means[n, 2] + vt[2]
+        z = max(zr, 1e-6)
+        for i in range(3):
+            for j in range(3):
+                acc = 0.0
+                for k in range(3):
+                    acc += vR[i, k] * C[k, j]
+                M[i, j] = acc
+        for i in range(3):
+            for j in range(3):
+                acc = 0.0
+                for k in range(3):
+                    acc += M[i, k] * vR[j, k]
+                C[i, j] = acc
+        tx = min(max(x / z, lim_x0), lim_x1) * z
+        ty = min(max(y / z, lim_y0), lim_y1) * z
+        j00 = fx / z
+        j02 = -fx * tx / (z * z)
+        j11 = fy / z
+        j12 = -fy * ty / (z * z)
+        # cov2 = J C J^T with J = [[j00, 0, j02], [0, j11, j12]]
+        a = j00 * (j00 * C[0, 0] + j02 * C[2, 0]) + j02 * (j00 * C[0, 2] + j02 * C[2, 2]) + EPS2D
+        b = j00 * (j11 * C[0, 1] + j12 * C[0, 2]) + j02 * (j11 * C[2, 1] + j12 * C[2, 2])
+        c = j11 * (j11 * C[1, 1] + j12 * C[2, 1]) + j12 * (j11 * C[1, 2] + j12 * C[2, 2]) + EPS2D
+        det = a * c - b * b
+        depths[n] = zr
+        means2d[n, 0] = fx * x / z + cx
+        means2d[n, 1] = fy * y / z + cy
+        if det > 0 and zr > near:
+            inv = 1.0 / det
+            conics[n, 0] = c * inv
+            conics[n, 1] = -b * inv
+            conics[n, 2] = a * inv
+            mid = 0.5 * (a + c)
+            lam = mid + np.sqrt(max(0.1, mid * mid - det))
+            radii[n] = int(np.ceil(3.0 * np.sqrt(lam)))
+        else:
+            conics[n, 0] = 0.0
+            conics[n, 1] = 0.0
+            conics[n, 2] = 0.0
+            radii[n] = 0
+
+
+_NO_ROTATION = np.eye(3, dtype=np.float32)
+
+
+def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01,
+            pose_R: np.ndarray | None = None, rigid: np.ndarray | None = None):
+    """EWA projection (numba): 2D means, conics, radii, depths, as project_reference. With `pose_R`
+    and `rigid`, covariances of the `rigid` Gaussians are first rotated by the head pose."""
+    n = means.shape[0]
+    means2d = np.empty((n, 2), np.float32)
+    conics = np.empty((n, 3), np.float32)
+    radii = np.empty(n, np.int32)
+    depths = np.empty(n, np.float32)
+    if rigid is None:
+        rigid = np.zeros(n, np.bool_)
+    _project_kernel(np.ascontiguousarray(means, np.float32), np.ascontiguousarray(covs, np.float32),
+                    _NO_ROTATION if pose_R is None else np.ascontiguousarray(pose_R, np.float32), rigid,
+                    np.ascontiguousarray(cam.viewmat[:3, :3], np.float32),
+                    np.ascontiguousarray(cam.viewmat[:3, 3], np.float32),
+                    float(cam.fx), float(cam.fy), float(cam.cx), float(cam.cy), cam.width, cam.height, near,
+                    means2d, conics, radii, depths)
+    return means2d, conics, radii, depths
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _tile_range(mx, my, r, tiles_x, tiles_y):
     """Inclusive tile index range covered by a Gaussian's 3-sigma box."""
@@ -58,7 +157,7 @@ def _tile_range(mx, my, r, tiles_x, tiles_y):
             max(0, int((my - r) // TILE)), min(tiles_y - 1, int((my + r) // TILE)))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _composite(means2d, conics, colors, opacities, radii, order, width, height, bg, out):
     tiles_x = (width + TILE - 1) // TILE
     tiles_y = (height + TILE - 1) // TILE
@@ -90,6 +189,23 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
                 t = ty * tiles_x + tx
                 lists[fill[t]] = g
                 fill[t] += 1
+    # Per Gaussian, once (not per tile): ln(255 op), beyond which alpha < 1/255, and the tight
+    # half-extents of that ellipse (sigma^2 * 2 ln(255 op) along each axis).
+    n = means2d.shape[0]
+    cut = np.empty(n, dtype=np.float32)
+    hxs = np.empty(n, dtype=np.float32)
+    hys = np.empty(n, dtype=np.float32)
+    for g in range(n):
+        cut[g] = -1.0
+        if radii[g] <= 0:
+            continue
+        ln = np.log(max(opacities[g] * 255.0, 1.0))
+        det = conics[g, 0] * conics[g, 2] - conics[g, 1] * conics[g, 1]
+        if ln <= 0.0 or det <= 0.0:
+            continue
+        cut[g] = ln
+        hxs[g] = min(np.sqrt(2.0 * ln * conics[g, 2] / det), radii[g])
+        hys[g] = min(np.sqrt(2.0 * ln * conics[g, 0] / det), radii[g])
     T = np.empty((TILE, TILE), dtype=np.float32)
     acc = np.empty((TILE, TILE, 3), dtype=np.float32)
     for t in range(n_tiles):
@@ -105,16 +221,11 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
             mx = means2d[g, 0]; my = means2d[g, 1]
             ca = conics[g, 0]; cb = conics[g, 1]; cc = conics[g, 2]
             op = opacities[g]
-            # Tight box where alpha can exceed 1/255: sigma^2 * 2 ln(255 op) along each axis.
-            ext = 2.0 * np.log(max(op * 255.0, 1.0))
-            if ext <= 0.0:
+            lim = cut[g]
+            if lim < 0.0:
                 continue
-            det = ca * cc - cb * cb
-            if det <= 0.0:
-                continue
-            r = radii[g]
-            hx = min(np.sqrt(ext * cc / det), r)
-            hy = min(np.sqrt(ext * ca / det), r)
+            hx = hxs[g]
+            hy = hys[g]
             px0 = max(0, int(np.ceil(mx - hx - 0.5)) - ox); px1 = min(w - 1, int(np.floor(mx + hx - 0.5)) - ox)
             py0 = max(0, int(np.ceil(my - hy - 0.5)) - oy); py1 = min(h - 1, int(np.floor(my + hy - 0.5)) - oy)
             cr = colors[g, 0]; cg = colors[g, 1]; cbl = colors[g, 2]
@@ -126,7 +237,7 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
                         continue
                     dx = ox + px + 0.5 - mx
                     sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0:
+                    if sigma < 0.0 or sigma > lim:  # beyond lim, alpha < 1/255: skip the exp
                         continue
                     alpha = min(ALPHA_MAX, op * np.exp(-sigma))
                     if alpha < ALPHA_MIN:
@@ -149,9 +260,10 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
 
 
 def rasterize(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities: np.ndarray, cam: Camera,
-              background=(0.0, 0.0, 0.0), out: np.ndarray | None = None) -> np.ndarray:
-    """Render world-space Gaussians to an (H, W, 3) float32 image in [0, 1]."""
-    means2d, conics, radii, depths = project(means.astype(np.float32), covs.astype(np.float32), cam)
+              background=(0.0, 0.0, 0.0), out: np.ndarray | None = None, pose_R: np.ndarray | None = None,
+              rigid: np.ndarray | None = None) -> np.ndarray:
+    """Render world-space Gaussians to an (H, W, 3) float32 image in [0, 1]. `pose_R`/`rigid`: see project."""
+    means2d, conics, radii, depths = project(means, covs, cam, pose_R=pose_R, rigid=rigid)
     order = np.argsort(depths, kind="stable").astype(np.int32)
     if out is None:
         out = np.empty((cam.height, cam.width, 3), dtype=np.float32)
@@ -163,7 +275,7 @@ def rasterize(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities
 def rasterize_reference(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities: np.ndarray,
                         cam: Camera, background=(0.0, 0.0, 0.0)) -> np.ndarray:
     """Brute force: every pixel composites every Gaussian in depth order (tests only; slow)."""
-    means2d, conics, radii, depths = project(means, covs, cam)
+    means2d, conics, radii, depths = project_reference(means, covs, cam)
     order = np.argsort(depths, kind="stable")
     ys, xs = np.mgrid[0:cam.height, 0:cam.width].astype(np.float64) + 0.5
     T = np.ones((cam.height, cam.width))

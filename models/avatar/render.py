@@ -51,15 +51,24 @@ class PosedHead:
         self._hw = head.head_weight[:, None].astype(np.float32)
 
     def __call__(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
-        means = self._base + (pose.weights.astype(np.float32) @ self._deltas).reshape(-1, 3)
-        if pose.yaw == 0.0 and pose.pitch == 0.0 and pose.roll == 0.0:
+        means, R = self.means(pose)
+        if R is None:
             return means, self._covs
-        R = euler_to_matrix(pose.yaw, pose.pitch, pose.roll)
-        rotated = (means - PIVOT) @ R.T + PIVOT
-        means = means + self._hw * (rotated - means)
         covs = self._covs.copy()
         covs[self._rigid] = R @ self._covs[self._rigid] @ R.T
         return means, covs
+
+    def means(self, pose: Pose) -> tuple[np.ndarray, np.ndarray | None]:
+        """Posed means, and the head rotation still to apply to the rigid Gaussians' covariances
+        (None when the head is not turned). The renderer hands both to the projection kernel,
+        which rotates covariances on the fly instead of copying all of them."""
+        means = self._base + (pose.weights.astype(np.float32) @ self._deltas).reshape(-1, 3)
+        if pose.yaw == 0.0 and pose.pitch == 0.0 and pose.roll == 0.0:
+            return means, None
+        R = euler_to_matrix(pose.yaw, pose.pitch, pose.roll)
+        rotated = (means - PIVOT) @ R.T + PIVOT
+        means += self._hw * (rotated - means)
+        return means, R
 
 
 class AvatarRenderer(Protocol):
@@ -80,6 +89,7 @@ class CPUAvatarRenderer:
         self._buf = np.empty((height, width, 3), np.float32)
 
     def render(self, pose: Pose) -> np.ndarray:
-        means, covs = self.posed(pose)
-        img = rasterize(means, covs, self._colors, self._opac, self.camera, BACKGROUND, out=self._buf)
+        means, R = self.posed.means(pose)
+        img = rasterize(means, self.posed._covs, self._colors, self._opac, self.camera, BACKGROUND, out=self._buf,
+                        pose_R=R, rigid=self.posed._rigid if R is not None else None)
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
