@@ -369,14 +369,21 @@ class Ingress:
             "replica_head": self._replica_head(row.replica_id),
         }
         self._starting += 1
+        gen = None
         try:
-            gen = self.host.options(stream=True).run.remote(spec)
             try:
+                gen = self.host.options(stream=True).run.remote(spec)
                 first = await asyncio.wait_for(gen.__anext__(), timeout=self.answer_timeout_s)
-            except (TimeoutError, StopAsyncIteration, BackPressureError) as exc:
-                gen.cancel()
-                why = ("every SessionHost queue is full" if isinstance(exc, BackPressureError)
-                       else "no session host answered in time")
+            except Exception as exc:  # no host took it: a clean 503, never a 500
+                if gen is not None:
+                    gen.cancel()
+                if isinstance(exc, BackPressureError) or "backpressure" in str(exc).lower():
+                    why = "every SessionHost replica and its queue are full"
+                elif isinstance(exc, (TimeoutError, StopAsyncIteration)):
+                    why = "no session host answered in time"
+                else:
+                    log.warning("session host failed to start %s: %r", conversation_id, exc)
+                    why = "the session host could not start the session"
                 return JSONResponse({"detail": why, "reason": "capacity"}, status_code=503, headers={"Retry-After": "10"})
         finally:
             self._starting -= 1
