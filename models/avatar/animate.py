@@ -58,8 +58,8 @@ _VIS_VEC = {name: _viseme_vector(name) for name in VISEMES}
 
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "joy": {"smile": 0.85, "brows_up": 0.15, "cheek_puff": 0.2},
-    "sadness": {"frown": 0.7, "brows_down": -0.1, "jaw_open": 0.02},
+    "joy": {"smile": 1.0, "brows_up": 0.15, "cheek_puff": 0.25},
+    "sadness": {"frown": 0.9, "brows_down": -0.1, "jaw_open": 0.02},
     "anger": {"brows_down": 1.0, "lip_press": 0.4, "frown": 0.3},
     "surprise": {"brows_up": 1.0, "jaw_open": 0.35, "mouth_round": 0.3},
 }

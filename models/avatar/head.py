@@ -163,9 +163,9 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
         d[ch["lip_press"], :, 1] = -0.35 * rel_y * near
         d[ch["lip_press"], :, 2] = -0.001 * near
         corner = np.clip(np.abs(p[:, 0]) / 0.024, 0, 1.2) ** 2 * near
-        d[ch["smile"], :, 0] += 0.004 * np.sign(p[:, 0]) * corner
-        d[ch["smile"], :, 1] += 0.006 * corner
-        d[ch["frown"], :, 1] += -0.004 * corner
+        d[ch["smile"], :, 0] += 0.005 * np.sign(p[:, 0]) * corner
+        d[ch["smile"], :, 1] += 0.008 * corner
+        d[ch["frown"], :, 1] += -0.006 * corner
         return d
 
     # --- skin --------------------------------------------------------------------------------------
@@ -277,7 +277,9 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
         bd = np.zeros((k, len(bp), 3))
         bd[ch["brows_up"], :, 1] = 0.0065
         bd[ch["brows_down"], :, 1] = -0.0045 * (1.2 - t)
-        bd[ch["brows_down"], :, 0] = -sgn * 0.003 * (1 - t)
+        bd[ch["brows_down"], :, 0] = -sgn * 0.002 * (1 - t)
+        # Lowered brows ride over the brow ridge, which bulges forward: keep them above the skin.
+        bd[ch["brows_down"], :, 2] = 0.0025 * (1.2 - t)
         bd[ch["frown"], :, 1] = 0.003 * (1 - t)  # sadness lifts the inner brow
         bd[ch["smile"], :, 1] = 0.001
         add(_splats(bp, np.tile([0, 0, 1.0], (len(bp), 1)), 0.0032, np.array(hair) * 0.8, "brow", aniso=(1.5, 0.6),
