@@ -23,6 +23,8 @@ from aiortc.mediastreams import MediaStreamError
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import AvatarRenderer, Pose
 from models.llm import ReplyShaper, build_messages, context_start
+from models.perception.prosody import analyse as analyse_prosody
+from models.perception.prosody import describe as describe_prosody
 from models.turn import fuse, is_backchannel
 from models.vad import CHUNK, SileroVAD, SpeechSegmenter
 from serve_app.events import event
@@ -361,10 +363,18 @@ class ConversationSession:
             waited = time.monotonic() - timings.marks["vad_pause"]
             await asyncio.sleep(max(0.0, self.patience_s - waited))
             timings.marks["turn_decision"] = time.monotonic()
-        self._end_utterance(text)
+        self._end_utterance(text, pcm)
         reply.gate.set()
 
-    def _end_utterance(self, text: str | None) -> None:
+    def _audio_analysis(self, pcm: bytes, text: str) -> str | None:
+        """How the user's voice sounded in this utterance (models/perception/prosody.py), unless the
+        persona turned perception off."""
+        if (self.persona.get("layers") or {}).get("perception", {}).get("perception_model") == "off":
+            return None
+        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+        return describe_prosody(analyse_prosody(audio, text))
+
+    def _end_utterance(self, text: str | None, pcm: bytes | None = None) -> None:
         self.in_utterance = False
         self._utt = []
         self._eot_task = None
@@ -374,7 +384,12 @@ class ConversationSession:
         self.emit("conversation.user.stopped_speaking")
         if text:
             self.turns += 1
-            self.emit("conversation.utterance", role="user", speech=text)
+            extra = {}
+            if pcm:
+                analysis = self._audio_analysis(pcm, text)
+                if analysis:
+                    extra["user_audio_analysis"] = analysis
+            self.emit("conversation.utterance", role="user", speech=text, **extra)
             self.animator.nod(self.clock.now())
 
     # --- barge-in ---------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_spoken_turn_end_to_end(idle, presence, api_key, question, webhook):
         await client.connect()
         user, replica, speech_end = await one_turn(client, question)
         assert {"capital", "france"} <= words(user["properties"]["speech"])
+        # Perception's voice part describes how the question sounded.
+        assert user["properties"]["user_audio_analysis"].startswith("The user spoke")
         assert replica["properties"]["speech"].strip()
         timings = await client.wait_event("conversation.turn_timings", timeout=10)
         ms = timings["properties"]["ms_from_speech_end"]

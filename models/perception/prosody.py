@@ -1,0 +1,131 @@
+"""Voice prosody of one utterance with cheap numpy features: pitch level and movement
+(YIN on 40 ms frames), energy, speaking rate (syllable nuclei from the energy
+envelope), pauses and hesitation; and a plain-language description an LLM or an event can carry.
+
+Vectorised over frames: YIN's difference function for all frames of the utterance from one pair of
+FFTs. Thresholds in `describe` are heuristics tuned on piper speech, not a trained model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SR = 16000
+FRAME = 640  # 40 ms: two periods of a 50 Hz voice
+HOP = 160  # 10 ms
+F0_MIN, F0_MAX = 60.0, 400.0
+FILLERS = re.compile(r"\b(um+|uh+|erm?|hmm+|you know|i mean|like,)\b", re.IGNORECASE)
+
+
+@dataclass
+class Prosody:
+    voiced_s: float
+    pitch_hz: float | None  # median f0 of voiced frames
+    pitch_range_st: float  # spread of f0 (semitones, 10th..90th percentile)
+    pitch_slope_st: float  # f0 movement over the last half second vs the median (semitones): + rising
+    energy_db: float  # mean level of voiced frames, dBFS
+    syllables_per_s: float  # over voiced + short-pause time
+    pauses: int  # silences >= 250 ms inside the utterance
+    pause_ratio: float  # silent share of the utterance between its first and last voiced frame
+    fillers: int  # "um", "uh", ... in the transcript
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _frames(audio: np.ndarray) -> np.ndarray:
+    n = 1 + max(0, (audio.size - FRAME) // HOP)
+    idx = np.arange(FRAME)[None, :] + HOP * np.arange(n)[:, None]
+    return audio[np.minimum(idx, audio.size - 1)]
+
+
+def analyse(audio16k: np.ndarray, transcript: str = "") -> Prosody:
+    """Prosody of a 16 kHz mono float utterance."""
+    audio = np.asarray(audio16k, dtype=np.float32)
+    if audio.size < FRAME:
+        return Prosody(0.0, None, 0.0, 0.0, -100.0, 0.0, 0, 0.0, len(FILLERS.findall(transcript)))
+    frames = _frames(audio - audio.mean())
+    rms = np.sqrt(np.mean(frames * frames, axis=1)) + 1e-9
+    db = 20 * np.log10(rms)
+    active = db > max(db.max() - 30.0, -55.0)
+    # YIN (cumulative mean normalised difference) for every frame at once, through FFTs.
+    lo, hi = int(SR / F0_MAX), int(SR / F0_MIN)
+    w = FRAME - hi  # integration window
+    nfft = 2 * FRAME
+    fx = np.fft.rfft(frames, n=nfft, axis=1)
+    fw = np.fft.rfft(frames[:, :w], n=nfft, axis=1)
+    r = np.fft.irfft(np.conj(fw) * fx, n=nfft, axis=1)[:, :hi + 1]  # r[tau] = sum_j x_j x_{j+tau}, j < w
+    sq = np.concatenate([np.zeros((len(frames), 1), np.float32), np.cumsum(frames * frames, axis=1)], axis=1)
+    taus = np.arange(hi + 1)
+    e_tau = sq[:, taus + w] - sq[:, taus]  # energy of the shifted window
+    d = sq[:, w:w + 1] + e_tau - 2 * r
+    d[:, 0] = 0.0
+    cum = np.cumsum(d[:, 1:], axis=1)
+    cmnd = np.ones_like(d)
+    cmnd[:, 1:] = d[:, 1:] * taus[1:] / np.maximum(cum, 1e-12)
+    band = cmnd[:, lo:hi + 1]
+    below = band < 0.15
+    first = np.where(below.any(axis=1), below.argmax(axis=1), band.argmin(axis=1))
+    # Walk down to the local minimum after the first dip under the threshold.
+    rows = np.arange(len(band))
+    for _ in range(8):
+        nxt = np.minimum(first + 1, band.shape[1] - 1)
+        better = band[rows, nxt] < band[rows, first]
+        if not better.any():
+            break
+        first = np.where(better, nxt, first)
+    lag = lo + first
+    voiced = active & (band[rows, first] < 0.3)
+    f0 = SR / lag.astype(np.float32)
+    pitch = float(np.median(f0[voiced])) if voiced.sum() >= 3 else None
+    if pitch is not None:
+        st = 12 * np.log2(f0[voiced] / pitch)
+        spread = float(np.percentile(st, 90) - np.percentile(st, 10))
+        tail = st[-50:]  # the last ~0.5 s of voiced frames
+        slope = float(np.median(tail[-15:]) - np.median(st)) if tail.size >= 15 else 0.0
+    else:
+        spread, slope = 0.0, 0.0
+    # Pauses: runs of inactive frames between the first and last active frame.
+    idx = np.flatnonzero(active)
+    pauses, pause_ratio = 0, 0.0
+    if idx.size:
+        inner = ~active[idx[0]:idx[-1] + 1]
+        pause_ratio = float(inner.mean()) if inner.size else 0.0
+        edges = np.diff(np.concatenate([[0], inner.astype(np.int8), [0]]))
+        runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+        pauses = int(np.sum(runs >= 25))
+    # Syllable nuclei: peaks of the smoothed active-frame envelope that stand out by 3 dB.
+    env = np.convolve(np.where(active, db, db.min()), np.ones(5) / 5, mode="same")
+    is_peak = (env[1:-1] > env[:-2]) & (env[1:-1] >= env[2:]) & active[1:-1]
+    peaks = np.flatnonzero(is_peak) + 1
+    nuclei, last = 0, -100
+    for p in peaks:
+        left = env[max(0, p - 12):p].min() if p > 0 else env[p]
+        if env[p] - left >= 3.0 and p - last >= 8:  # >= 80 ms apart
+            nuclei += 1
+            last = p
+    speech_s = (idx[-1] - idx[0] + 1) * HOP / SR if idx.size else 0.0
+    talk_s = max(1e-3, speech_s * (1 - pause_ratio) + 0.25 * pauses)
+    return Prosody(
+        voiced_s=float(voiced.sum() * HOP / SR), pitch_hz=pitch, pitch_range_st=spread, pitch_slope_st=slope,
+        energy_db=float(db[active].mean()) if active.any() else -100.0, syllables_per_s=nuclei / talk_s,
+        pauses=pauses, pause_ratio=pause_ratio, fillers=len(FILLERS.findall(transcript)),
+    )
+
+
+def describe(p: Prosody) -> str:
+    """One sentence for the LLM context and the utterance event."""
+    if p.voiced_s < 0.2:
+        return "The user's voice was too short or too quiet to read."
+    rate = "quickly" if p.syllables_per_s > 6.5 else "slowly" if p.syllables_per_s < 4.8 else "at an even pace"
+    level = "loudly" if p.energy_db > -14 else "quietly" if p.energy_db < -36 else ""
+    melody = ("with a lively, varied pitch" if p.pitch_range_st > 11 else
+              "in a flat, monotone voice" if p.pitch_range_st < 4 else "")
+    ending = ", and their pitch rose at the end" if p.pitch_slope_st > 2.0 else ""
+    pauses = " with long pauses" if p.pause_ratio > 0.3 or p.pauses >= 3 else ""
+    hesitant = ", and sounded hesitant" if p.fillers >= 2 or (p.pauses >= 2 and p.syllables_per_s < 4.8) else ""
+    parts = " and ".join(x for x in (rate, level) if x) + (" " + melody if melody else "")
+    return f"The user spoke {parts}{pauses}{ending}{hesitant}."
