@@ -12,6 +12,7 @@ Held-back data: every 4th frame of a video; for a single photo, a checkerboard o
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,13 +56,10 @@ def decode_media(data: bytes, content_type: str, max_frames: int = MAX_FRAMES) -
     return frames
 
 
-def probe_media(data: bytes, content_type: str) -> dict:
-    """Cheap checks before a fit is queued: type, decodability, size, duration. Raises MediaError."""
-    if content_type in IMAGE_TYPES:
-        frame = decode_media(data, content_type)[0]
-        return {"kind": "image", "width": int(frame.shape[1]), "height": int(frame.shape[0])}
-    if content_type not in VIDEO_TYPES:
-        raise MediaError(f"unsupported type {content_type}")
+@contextmanager
+def _open_video(data: bytes):
+    """The upload's first video stream and its duration, after the checks every caller needs;
+    FFmpeg errors inside the block (decoding included) become MediaError."""
     import av
 
     try:
@@ -73,9 +71,20 @@ def probe_media(data: bytes, content_type: str) -> dict:
                         else (container.duration or 0) / 1e6)
             if duration > MAX_VIDEO_S:
                 raise MediaError(f"video is {duration:.0f} s long; at most {MAX_VIDEO_S:.0f} s")
-            first = next(container.decode(stream), None)
+            yield container, stream, duration
     except av.error.FFmpegError as exc:
         raise MediaError(f"not a decodable video: {exc}") from exc
+
+
+def probe_media(data: bytes, content_type: str) -> dict:
+    """Cheap checks before a fit is queued: type, decodability, size, duration. Raises MediaError."""
+    if content_type in IMAGE_TYPES:
+        frame = decode_media(data, content_type)[0]
+        return {"kind": "image", "width": int(frame.shape[1]), "height": int(frame.shape[0])}
+    if content_type not in VIDEO_TYPES:
+        raise MediaError(f"unsupported type {content_type}")
+    with _open_video(data) as (container, stream, duration):
+        first = next(container.decode(stream), None)
     if first is None:
         raise MediaError("the video has no frames")
     if min(first.width, first.height) < MIN_SIDE:
@@ -84,24 +93,21 @@ def probe_media(data: bytes, content_type: str) -> dict:
 
 
 def _decode_video(data: bytes, max_frames: int) -> list[np.ndarray]:
-    import av
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError("the upload has no video stream")
-            stream = container.streams.video[0]
-            duration = (float(stream.duration * stream.time_base) if stream.duration
-                        else (container.duration or 0) / 1e6)
-            if duration > MAX_VIDEO_S:
-                raise MediaError(f"video is {duration:.0f} s long; at most {MAX_VIDEO_S:.0f} s")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    except av.error.FFmpegError as exc:
-        raise MediaError(f"not a decodable video: {exc}") from exc
+    """Up to `max_frames` frames spread over the video. Only the chosen frames are converted to RGB,
+    so a minute of HD video never sits in memory as arrays."""
+    with _open_video(data) as (container, stream, duration):
+        total = stream.frames or int(round(duration * float(stream.average_rate or 0)))
+        wanted = (set(np.linspace(0, total - 1, min(max_frames, total)).round().astype(int).tolist())
+                  if total > 0 else None)  # unknown length: the first max_frames frames
+        frames = []
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None and len(frames) >= max_frames:
+                break
+            if wanted is None or i in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
     if not frames:
         raise MediaError("the video has no frames")
-    pick = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
-    return [frames[i] for i in sorted(set(pick))]
+    return frames
 
 
 # --- alignment --------------------------------------------------------------------------------------------

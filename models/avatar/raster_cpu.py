@@ -51,6 +51,23 @@ def project_reference(means: np.ndarray, covs: np.ndarray, cam: Camera, near: fl
     return means2d, conics, radii, pc[:, 2].astype(np.float32)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sandwich(R, A, tmp, out):
+    """out = R A R^T for 3x3 matrices (out may be A: A is only read into tmp first)."""
+    for i in range(3):
+        for j in range(3):
+            acc = 0.0
+            for k in range(3):
+                acc += R[i, k] * A[k, j]
+            tmp[i, j] = acc
+    for i in range(3):
+        for j in range(3):
+            acc = 0.0
+            for k in range(3):
+                acc += tmp[i, k] * R[j, k]
+            out[i, j] = acc
+
+
 @njit(cache=True, nogil=True)
 def _project_kernel(means, covs, pose_R, rigid, vR, vt, fx, fy, cx, cy, width, height, near,
                     means2d, conics, radii, depths):
@@ -65,18 +82,7 @@ def _project_kernel(means, covs, pose_R, rigid, vR, vt, fx, fy, cx, cy, width, h
     for n in range(means.shape[0]):
         # world covariance (rigidly rotated with the head where it follows the head)
         if rigid[n]:
-            for i in range(3):
-                for j in range(3):
-                    acc = 0.0
-                    for k in range(3):
-                        acc += pose_R[i, k] * covs[n, k, j]
-                    M[i, j] = acc
-            for i in range(3):
-                for j in range(3):
-                    acc = 0.0
-                    for k in range(3):
-                        acc += M[i, k] * pose_R[j, k]
-                    C[i, j] = acc
+            _sandwich(pose_R, covs[n], M, C)
         else:
             for i in range(3):
                 for j in range(3):
@@ -86,18 +92,7 @@ def _project_kernel(means, covs, pose_R, rigid, vR, vt, fx, fy, cx, cy, width, h
         y = vR[1, 0] * means[n, 0] + vR[1, 1] * means[n, 1] + vR[1, 2] * means[n, 2] + vt[1]
         zr = vR[2, 0] * means[n, 0] + vR[2, 1] * means[n, 1] + vR[2, 2] * means[n, 2] + vt[2]
         z = max(zr, 1e-6)
-        for i in range(3):
-            for j in range(3):
-                acc = 0.0
-                for k in range(3):
-                    acc += vR[i, k] * C[k, j]
-                M[i, j] = acc
-        for i in range(3):
-            for j in range(3):
-                acc = 0.0
-                for k in range(3):
-                    acc += M[i, k] * vR[j, k]
-                C[i, j] = acc
+        _sandwich(vR, C, M, C)
         tx = min(max(x / z, lim_x0), lim_x1) * z
         ty = min(max(y / z, lim_y0), lim_y1) * z
         j00 = fx / z
