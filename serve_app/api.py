@@ -53,14 +53,6 @@ def persona_json(row: PersonaRow) -> dict:
             "created_at": row.created_at, "updated_at": row.updated_at}
 
 
-def _done(response) -> bool:
-    try:
-        response.result(timeout_s=0)
-        return True
-    except Exception as exc:
-        return not isinstance(exc, TimeoutError)
-
-
 def replica_json(row: ReplicaRow) -> dict:
     data = {k: v for k, v in (row.data or {}).items() if k != "head_path"}
     return {"replica_id": row.replica_id, "replica_name": row.replica_name, "status": row.status,
@@ -97,7 +89,7 @@ class Ingress:
         self.answer_timeout_s = answer_timeout_s
         self.store = Store(database_url)
         self.trainer = trainer
-        self._training: set = set()  # in-flight fit responses (kept referenced until done)
+        self._training: set[asyncio.Task] = set()  # in-flight fits (referenced until they finish)
         if self.store.get_replica(STOCK_REPLICA) is None:
             self.store.add_replica("Stock", status="ready", data={"stock": True}, replica_id=STOCK_REPLICA)
         self.webhooks = WebhookSender()
@@ -245,11 +237,21 @@ class Ingress:
             raise HTTPException(422, str(exc)) from exc
         name = str(form.get("replica_name") or "")[:200]
         row = self.store.add_replica(name, status="training", data={"media": probe})
-        # The trainer records the outcome in the database itself: the fit outlives this request.
-        self._training.add(self.trainer.fit.remote(row.replica_id, data, media_type))
-        if len(self._training) > 64:
-            self._training = {r for r in self._training if not _done(r)}
+        # The trainer records the outcome in the database itself; the fit outlives this request.
+        task = asyncio.ensure_future(self._await_fit(row.replica_id, self.trainer.fit.remote(row.replica_id, data, media_type)))
+        self._training.add(task)
+        task.add_done_callback(self._training.discard)
         return replica_json(row)
+
+    async def _await_fit(self, replica_id: str, response) -> None:
+        """If the trainer itself dies, the replica must not stay `training` forever."""
+        try:
+            await response
+        except Exception as exc:
+            log.warning("replica %s: training failed: %r", replica_id, exc)
+            row = self.store.get_replica(replica_id)
+            if row is not None and row.status == "training":
+                self.store.update_replica(replica_id, "error", error=f"training failed: {exc}")
 
     @app.get("/v2/replicas")
     async def list_replicas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1),

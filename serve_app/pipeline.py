@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import AvatarRenderer, Pose
 from models.llm import ReplyShaper, build_messages, context_start
+from models.perception.prosody import Prosody, count_fillers
 from models.perception.prosody import analyse as analyse_prosody
 from models.perception.prosody import describe as describe_prosody
 from models.turn import fuse, is_backchannel
@@ -348,6 +349,8 @@ class ConversationSession:
         tail = pcm[-8 * 16000 * 2:]
         asr_call = self.h.asr.transcribe.remote(pcm)
         turn_call = self.h.turn.predict.remote(tail, self._partial_text)
+        # The voice's prosody is computed while ASR runs, off the event loop and off the turn's path.
+        prosody = asyncio.ensure_future(asyncio.to_thread(self._voice_prosody, pcm))
         text = (await asr_call)["text"].strip()
         timings.mark("asr_final")
         if not text:
@@ -363,18 +366,20 @@ class ConversationSession:
             waited = time.monotonic() - timings.marks["vad_pause"]
             await asyncio.sleep(max(0.0, self.patience_s - waited))
             timings.marks["turn_decision"] = time.monotonic()
-        self._end_utterance(text, pcm)
+        voice = await prosody
+        if voice is not None:
+            voice.fillers = count_fillers(text)
+        self._end_utterance(text, describe_prosody(voice) if voice is not None else None)
         reply.gate.set()
 
-    def _audio_analysis(self, pcm: bytes, text: str) -> str | None:
+    def _voice_prosody(self, pcm: bytes) -> Prosody | None:
         """How the user's voice sounded in this utterance (models/perception/prosody.py), unless the
         persona turned perception off."""
         if (self.persona.get("layers") or {}).get("perception", {}).get("perception_model") == "off":
             return None
-        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
-        return describe_prosody(analyse_prosody(audio, text))
+        return analyse_prosody(np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0)
 
-    def _end_utterance(self, text: str | None, pcm: bytes | None = None) -> None:
+    def _end_utterance(self, text: str | None, audio_analysis: str | None = None) -> None:
         self.in_utterance = False
         self._utt = []
         self._eot_task = None
@@ -384,11 +389,7 @@ class ConversationSession:
         self.emit("conversation.user.stopped_speaking")
         if text:
             self.turns += 1
-            extra = {}
-            if pcm:
-                analysis = self._audio_analysis(pcm, text)
-                if analysis:
-                    extra["user_audio_analysis"] = analysis
+            extra = {"user_audio_analysis": audio_analysis} if audio_analysis else {}
             self.emit("conversation.utterance", role="user", speech=text, **extra)
             self.animator.nod(self.clock.now())
 

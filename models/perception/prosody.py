@@ -42,11 +42,15 @@ def _frames(audio: np.ndarray) -> np.ndarray:
     return audio[np.minimum(idx, audio.size - 1)]
 
 
+def count_fillers(transcript: str) -> int:
+    return len(FILLERS.findall(transcript))
+
+
 def analyse(audio16k: np.ndarray, transcript: str = "") -> Prosody:
-    """Prosody of a 16 kHz mono float utterance."""
+    """Prosody of a 16 kHz mono float utterance (`fillers` counted in `transcript`)."""
     audio = np.asarray(audio16k, dtype=np.float32)
     if audio.size < FRAME:
-        return Prosody(0.0, None, 0.0, 0.0, -100.0, 0.0, 0, 0.0, len(FILLERS.findall(transcript)))
+        return Prosody(0.0, None, 0.0, 0.0, -100.0, 0.0, 0, 0.0, count_fillers(transcript))
     frames = _frames(audio - audio.mean())
     rms = np.sqrt(np.mean(frames * frames, axis=1)) + 1e-9
     db = 20 * np.log10(rms)
@@ -112,7 +116,7 @@ def analyse(audio16k: np.ndarray, transcript: str = "") -> Prosody:
     return Prosody(
         voiced_s=float(voiced.sum() * HOP / SR), pitch_hz=pitch, pitch_range_st=spread, pitch_slope_st=slope,
         energy_db=float(db[active].mean()) if active.any() else -100.0, syllables_per_s=nuclei / talk_s,
-        pauses=pauses, pause_ratio=pause_ratio, fillers=len(FILLERS.findall(transcript)),
+        pauses=pauses, pause_ratio=pause_ratio, fillers=count_fillers(transcript),
     )
 
 
