@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ray import serve
 
@@ -32,16 +31,10 @@ class ASR:
         lock = self._partial_lock if partial else self._final_lock
         if partial and (self._partial_lock.locked() or self._final_lock.locked()):
             return {"text": None, "skipped": True, "audio_s": len(pcm16) / 32000, "ms": 0.0}
-        t0 = time.perf_counter()
-        self.times.in_flight += 1
-        try:
+        with self.times.measure() as timing:
             async with lock:
                 result = await asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt)
-        finally:
-            self.times.in_flight -= 1
-        ms = (time.perf_counter() - t0) * 1000
-        self.times.add(ms)
-        return {"text": result.text, "audio_s": result.audio_s, "ms": ms}
+        return {"text": result.text, "audio_s": result.audio_s, "ms": timing["ms"]}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.times.stats()

@@ -48,15 +48,18 @@ class ServiceTimes:
         return float(np.percentile(values, 95)) if values else 0.0
 
     @contextmanager
-    def measure(self) -> Iterator[None]:
-        """Count one call as in flight while it runs and record its service time."""
+    def measure(self) -> Iterator[dict[str, float]]:
+        """Count one call as in flight while it runs and record its service time, which the
+        yielded dict holds as "ms" once the block has ended."""
         self.in_flight += 1
         t0 = time.perf_counter()
+        timing = {"ms": 0.0}
         try:
-            yield
+            yield timing
         finally:
             self.in_flight -= 1
-            self.add((time.perf_counter() - t0) * 1000)
+            timing["ms"] = (time.perf_counter() - t0) * 1000
+            self.add(timing["ms"])
 
     def stats(self) -> dict[str, float]:
         return {"p95_service_ms": self.p95(), "in_flight": float(self.in_flight)}

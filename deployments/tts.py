@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ray import serve
 
@@ -24,15 +23,13 @@ class TTS:
         self.model.synthesize("Hello there.")
 
     async def synthesize(self, text: str, speed: float = 1.0) -> dict:
-        t0 = time.perf_counter()
-        with self.times.measure():
+        with self.times.measure() as timing:
             async with self._lock:
                 speech = await asyncio.to_thread(self.model.synthesize, text, speed)
-        ms = (time.perf_counter() - t0) * 1000
         return {
             "text": text, "pcm16": float_to_pcm16(speech.audio).tobytes(), "sample_rate": speech.sample_rate,
             "phonemes": [(p, float(a), float(b)) for p, a, b in speech.phonemes],
-            "words": [(w, float(a), float(b)) for w, a, b in speech.words], "ms": ms,
+            "words": [(w, float(a), float(b)) for w, a, b in speech.words], "ms": timing["ms"],
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
