@@ -410,6 +410,13 @@ class Ingress:
                 ev = item["event"]
                 etype = ev["event_type"]
                 props = ev["properties"]
+                if etype == "internal.perception_snapshot":
+                    # Kept (memory only) for the end-of-call webhook in case the stream is cut before the host
+                    # can send its own application.perception_analysis.
+                    self.live[cid]["perception"] = props
+                    continue
+                if etype == "application.perception_analysis":
+                    self.live[cid]["perception_sent"] = True
                 if etype == "conversation.utterance":
                     self.store.add_utterance(cid, props["role"], props["speech"])
                 elif etype == "conversation.turn_timings":
@@ -436,6 +443,8 @@ class Ingress:
         if already is not None and entry and entry.get("reason"):
             # The host could not say it (we cancelled its stream): the callback still hears it.
             await self._deliver(callback_url, event(cid, "system.shutdown", shutdown_reason=reason))
+        if entry and entry.get("perception") and not entry.get("perception_sent"):
+            await self._deliver(callback_url, event(cid, "application.perception_analysis", **entry["perception"]))
         await self._deliver(callback_url, event(cid, "application.transcription_ready",
                                                 transcript=self.store.transcript(cid)))
 

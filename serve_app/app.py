@@ -8,6 +8,7 @@ from ray.serve import Application
 
 from deployments.asr import ASR
 from deployments.llm import LLM
+from deployments.perception import Perception
 from deployments.replica_trainer import ReplicaTrainer
 from deployments.tts import TTS
 from deployments.turn_taking import TurnTaking
@@ -16,12 +17,13 @@ from serve_app.session_host import SessionHost
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """args: asr, llm, tts, turn (init kwargs for each model deployment), video, replicas, ingress."""
+    """args: asr, llm, tts, turn, perception (init kwargs for each model deployment), video, replicas, ingress."""
     turn = TurnTaking.bind(**args.get("turn", {}))
     asr = ASR.bind(**args.get("asr", {}))
     llm = LLM.bind(**args.get("llm", {}))
     tts = TTS.bind(**args.get("tts", {}))
-    host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}))
+    perception = Perception.bind(**args.get("perception", {}))
+    host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}), perception=perception)
     video = args.get("video", {})
     trainer = ReplicaTrainer.bind(gaussians=int(video.get("gaussians", 20000)),
                                   database_url=args.get("ingress", {}).get("database_url"), **args.get("replicas", {}))

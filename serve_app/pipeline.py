@@ -8,6 +8,8 @@ shared deployments reached through handles; only whole utterances and clauses cr
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import time
@@ -23,9 +25,14 @@ from aiortc.mediastreams import MediaStreamError
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import AvatarRenderer, Pose
 from models.llm import ReplyShaper, build_messages, context_start
-from models.perception.prosody import Prosody, count_fillers
+from models.perception.face import FaceObservation
+from models.perception.fusion import PerceptionState, SessionPerception, VisualTrack
+from models.perception.fusion import fuse as fuse_perception
+from models.perception.prosody import Prosody, ProsodyTrend, count_fillers
 from models.perception.prosody import analyse as analyse_prosody
 from models.perception.prosody import describe as describe_prosody
+from models.perception.sentiment import Sentiment, sentiment
+from models.perception.tools import watches
 from models.turn import fuse, is_backchannel
 from models.vad import CHUNK, SileroVAD, SpeechSegmenter
 from serve_app.events import event
@@ -37,6 +44,10 @@ PATIENCE_S = {"low": 0.6, "medium": 1.1, "high": 2.0}  # silence after which an 
 INTERRUPT_AFTER_S = {"low": 0.9, "medium": 0.45, "high": 0.2}  # user speech needed before a barge-in check
 MAX_INPUT_SAMPLES = 16000 * 30  # an utterance longer than 30 s is cut into a turn
 PARTIAL_EVERY_S = 1.5  # mid-speech re-transcription cadence (feeds the turn model's text gate)
+PERCEPTION_SIDE = 320  # camera frames are downscaled to this width before analysis
+SNAPSHOT_EVERY_S = 5.0  # the perception summary the ingress keeps for the end-of-call webhook
+# The avatar's listening face answers the user's: a smile back, concern for sadness or anger.
+MIRROR = {"joy": ("joy", 0.55), "sadness": ("sadness", 0.45), "anger": ("sadness", 0.3), "surprise": ("surprise", 0.35)}
 
 
 class BadOffer(ValueError):
@@ -49,6 +60,7 @@ class Handles:
     asr: Any
     llm: Any
     tts: Any
+    perception: Any = None  # the Perception deployment (None: no visual perception)
 
 
 @dataclass
@@ -86,6 +98,7 @@ class Reply:
     started: bool = False
     done_generating: bool = False
     user_logged: bool = False
+    llm_perception: str | None = None  # what the LLM was told about the user for this reply
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -106,6 +119,21 @@ class ConversationSession:
         self.llm_params = {"max_tokens": int(llm.get("max_tokens", 80)), "temperature": float(llm.get("temperature", 0.4))}
         self.llm_endpoint = {k: llm.get(k) for k in ("base_url", "api_key", "model")} if llm.get("base_url") else None
         self.tts_speed = float((layers.get("tts") or {}).get("speed", 1.0))
+        perception = layers.get("perception") or {}
+        self.perceiving = perception.get("perception_model", "basic") != "off"
+        self.perception_in_llm = self.perceiving and bool(perception.get("llm_context", True))
+        self.camera_period_s = 1.0 / float(perception.get("camera_fps", 4.0))
+        self.tool_frames = bool(perception.get("tool_call_frames", True))
+        self.tools = watches(perception.get("perception_tools") or []) if self.perceiving else []
+        self.visual = VisualTrack()
+        self.perception: PerceptionState | None = None
+        self.perception_log = SessionPerception()
+        self._voice: tuple[Prosody | None, str | None] = (None, None)  # the last utterance's voice + description
+        self._words: Sentiment | None = None
+        self.voice_trend = ProsodyTrend()
+        self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames, memory only
+        self._perceive_task: asyncio.Task | None = None
+        self._snapshot_at = 0.0
         self.context = spec.conversational_context or ""
         self.history: list[dict] = []
         self._ctx_start = 0  # first history message in the LLM's window (see context_start)
@@ -195,7 +223,7 @@ class ConversationSession:
             if track.kind == "audio":
                 self._spawn(self._audio_in(track))
             else:
-                self._spawn(self._drain(track))
+                self._spawn(self._video_in(track))
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -242,6 +270,7 @@ class ConversationSession:
         if self.spec.custom_greeting:
             self.say(self.spec.custom_greeting)
         while not self._closed.is_set():
+            self._update_perception()
             now = time.monotonic()
             if now - started >= max_s:
                 return await self.shutdown("max_call_duration")
@@ -258,6 +287,8 @@ class ConversationSession:
         if self.shutdown_reason is None:
             self.shutdown_reason = reason
             self._finish_reply(interrupted=True)
+            if self.perceiving:
+                self.emit("application.perception_analysis", **self.perception_log.summary())
             self.emit("system.shutdown", shutdown_reason=reason)
             await asyncio.sleep(0.05)  # let the data channel carry the reason before we close
             self._closed.set()
@@ -271,13 +302,75 @@ class ConversationSession:
             await self.pc.close()
 
     # --- incoming media ----------------------------------------------------------------------------
-    async def _drain(self, track) -> None:
-        """The user's camera: consumed (perception samples it) so frames never pile up."""
+    async def _video_in(self, track) -> None:
+        """The user's camera: every frame is consumed (so none pile up); a few per second, downscaled,
+        go to the Perception deployment. Frames stay in memory (the last few, for tool calls)."""
+        last = -1e9
         try:
             while True:
-                await track.recv()
+                frame = await track.recv()
+                now = time.monotonic()
+                if (not self.perceiving or self.h.perception is None or now - last < self.camera_period_s
+                        or (self._perceive_task is not None and not self._perceive_task.done())):
+                    continue
+                last = now
+                w = min(PERCEPTION_SIDE, frame.width) // 2 * 2
+                h = max(16, int(round(frame.height * w / max(frame.width, 1))) // 2 * 2)
+                rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
+                self._frames.append((now, rgb))
+                self._perceive_task = self._spawn(self._perceive(rgb, now))
         except MediaStreamError:
             return
+
+    async def _perceive(self, rgb: np.ndarray, t: float) -> None:
+        try:
+            last = self.visual.last
+            hint = last.roi if last is not None and last.present else None
+            summary = await self.h.perception.analyse.remote(rgb, hint)
+        except Exception as exc:  # a perception outage degrades the session, it does not end it
+            log.warning("session %s perception failed: %s", self.cid, exc)
+            return
+        self.visual.add(t, FaceObservation.from_summary(summary))
+        self._update_perception()
+
+    def _update_perception(self) -> None:
+        """Refresh the fused state (per analysed frame and at least every 250 ms), run the perception
+        tools and set the avatar's listening expression."""
+        if not self.perceiving:
+            return
+        now = time.monotonic()
+        state = fuse_perception(self.visual, now, voice=self._voice[0], voice_text=self._voice[1], words=self._words)
+        prev, self.perception = self.perception, state
+        self.perception_log.add(state)
+        if prev is None or (prev.visual, prev.emotion, prev.visible) != (state.visual, state.emotion, state.visible):
+            self.emit("conversation.perception", **state.as_dict())
+        for tool in self.tools:
+            args = tool.update(state)
+            if args is not None:
+                self._fire_tool(tool, args, now)
+        mirror = MIRROR.get(state.emotion) if state.visible and state.confidence >= 0.45 else None
+        self.animator.listening_emotion, level = mirror if mirror else (None, 0.5)
+        self.animator.listening_level = level
+        if now - self._snapshot_at >= SNAPSHOT_EVERY_S:
+            self._snapshot_at = now
+            # For the ingress only (not the client): the end-of-call analysis if the stream is cut.
+            self.events.put_nowait(event(self.cid, "internal.perception_snapshot", **self.perception_log.summary()))
+
+    def _fire_tool(self, tool, args: dict, now: float) -> None:
+        frames = []
+        if self.tool_frames:
+            from PIL import Image  # only on a tool call
+
+            for t, rgb in list(self._frames)[-2:]:
+                buf = io.BytesIO()
+                img = Image.fromarray(rgb)
+                img.thumbnail((160, 160))
+                img.save(buf, format="JPEG", quality=70)
+                frames.append({"age_s": round(now - t, 2), "jpeg_base64": base64.b64encode(buf.getvalue()).decode()})
+        self.perception_log.tool_calls.append((self.clock.now(), tool.name))
+        self.emit("conversation.perception_tool_call", name=tool.name, arguments=args, frames=frames)
+        if tool.llm_tool_call:
+            self.emit("conversation.tool_call", name=tool.name, arguments=json.dumps(args), source="perception")
 
     async def _audio_in(self, track) -> None:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
@@ -357,6 +450,14 @@ class ConversationSession:
             turn_call.cancel()
             self._end_utterance(None)
             return
+        voice = await prosody  # done by now: it is ~10 ms of numpy and ran alongside ASR
+        if voice is not None:
+            voice.fillers = count_fillers(text)
+            change = self.voice_trend.describe_change(voice)
+            self.voice_trend.add(voice)
+            self._voice = (voice, " ".join(x for x in (describe_prosody(voice), change) if x))
+            self._words = sentiment(text)
+            self._update_perception()
         # Speculation: start the reply now, gated until the turn is confirmed.
         reply = self._start_reply(text, timings, gated=True)
         turn = await turn_call
@@ -366,10 +467,7 @@ class ConversationSession:
             waited = time.monotonic() - timings.marks["vad_pause"]
             await asyncio.sleep(max(0.0, self.patience_s - waited))
             timings.marks["turn_decision"] = time.monotonic()
-        voice = await prosody
-        if voice is not None:
-            voice.fillers = count_fillers(text)
-        self._end_utterance(text, describe_prosody(voice) if voice is not None else None)
+        self._end_utterance(text, self._voice[1] if voice is not None else None)
         reply.gate.set()
 
     def _voice_prosody(self, pcm: bytes) -> Prosody | None:
@@ -390,6 +488,12 @@ class ConversationSession:
         if text:
             self.turns += 1
             extra = {"user_audio_analysis": audio_analysis} if audio_analysis else {}
+            state = self.perception
+            if state is not None:
+                extra["user_visual_analysis"] = state.visual
+                extra["user_perception"] = state.description
+                if state.incongruent:
+                    self.perception_log.incongruent_moments.append((self.clock.now(), state.description))
             self.emit("conversation.utterance", role="user", speech=text, **extra)
             self.animator.nod(self.clock.now())
 
@@ -432,8 +536,9 @@ class ConversationSession:
     async def _clauses_from_llm(self, reply: Reply, user_text: str, out: asyncio.Queue) -> None:
         self._ctx_start = context_start(self.history, self._ctx_start)
         history = self.history[self._ctx_start:] + [{"role": "user", "content": user_text}]
+        reply.llm_perception = self.llm_perception()
         messages = build_messages(self.persona.get("system_prompt", ""), "\n".join(
-            x for x in (self.persona.get("context", ""), self.context) if x), history)
+            x for x in (self.persona.get("context", ""), self.context) if x), history, perception=reply.llm_perception)
         shaper = ReplyShaper()
         stream = self.h.llm.options(stream=True).stream.remote(messages, self.llm_params, self.llm_endpoint)
         try:
@@ -451,6 +556,12 @@ class ConversationSession:
         finally:
             stream.cancel()
             await out.put(None)
+
+    def llm_perception(self) -> str | None:
+        """What the LLM is told about the user for this reply (persona: layers.perception.llm_context)."""
+        if not self.perception_in_llm or self.perception is None:
+            return None
+        return self.perception.description
 
     async def _generate(self, reply: Reply, user_text: str | None, echo_text: str | None) -> None:
         clauses: asyncio.Queue = asyncio.Queue()
@@ -535,7 +646,8 @@ class ConversationSession:
             self.emit("conversation.replica.stopped_speaking", interrupted=interrupted)
         if text:
             self.history.append({"role": "assistant", "content": text})
-            self.emit("conversation.utterance", role="replica", speech=text, interrupted=interrupted)
+            extra = {"llm_perception": reply.llm_perception} if reply.llm_perception else {}
+            self.emit("conversation.utterance", role="replica", speech=text, interrupted=interrupted, **extra)
         if reply.timings and reply.started:
             self.emit("conversation.turn_timings", turn_index=self.turns, ms_from_speech_end=reply.timings.as_ms())
 

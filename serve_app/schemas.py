@@ -31,9 +31,30 @@ class STTLayer(BaseModel):
     hotwords: str | None = Field(None, max_length=500)
 
 
+PerceptionSignal = Literal["joy", "sadness", "anger", "frustrated", "surprise", "neutral", "looking_away", "absent",
+                           "eyes_closed", "incongruent"]
+
+
+class PerceptionTool(BaseModel):
+    """A threshold on the perception state: when `signal` has held for `for_s` seconds (at
+    `min_confidence` for emotions), the session sends `conversation.perception_tool_call`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
+    description: str = Field("", max_length=1000)
+    signal: PerceptionSignal
+    for_s: float = Field(5.0, ge=0.0, le=3600.0)
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    llm_tool_call: bool = False  # also send it as a `conversation.tool_call` (the LLM-tool event shape)
+
+
 class PerceptionLayer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     perception_model: Literal["basic", "off"] = "basic"
+    llm_context: bool = True  # the perception state goes into the LLM's system message for each reply
+    camera_fps: float = Field(4.0, ge=1.0, le=10.0)  # frames analysed per second (>= 3.4 keeps it <= 300 ms stale)
+    perception_tools: list[PerceptionTool] = Field(default_factory=list, max_length=16)
+    tool_call_frames: bool = True  # attach the triggering frames (small JPEGs) to perception tool calls
 
 
 class ConversationalFlowLayer(BaseModel):

@@ -28,12 +28,12 @@ log = logging.getLogger("presence.host")
 @serve.deployment(max_ongoing_requests=2, max_queued_requests=2, graceful_shutdown_timeout_s=4 * 3600,
                   ray_actor_options={"num_cpus": 0})
 class SessionHost:
-    def __init__(self, turn, asr, llm, tts, video: dict | None = None) -> None:
+    def __init__(self, turn, asr, llm, tts, video: dict | None = None, perception=None) -> None:
         limit_threads()
         self.gpu_metrics = start_gpu_metrics("SessionHost")
         apply_policy()
         video = video or {}
-        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts)
+        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts, perception=perception)
         self.width = int(video.get("width", 256))
         self.height = int(video.get("height", 256))
         self.fps = float(video.get("fps", 15))

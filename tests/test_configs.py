@@ -11,7 +11,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOYMENTS = {"SessionHost", "ASR", "LLM", "TTS", "TurnTaking", "ReplicaTrainer", "Ingress"}
+DEPLOYMENTS = {"SessionHost", "ASR", "LLM", "TTS", "TurnTaking", "Perception", "ReplicaTrainer", "Ingress"}
 
 
 def test_profiles_are_valid_serve_configs():

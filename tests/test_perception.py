@@ -43,3 +43,18 @@ def test_hesitation_and_silence(voice):
     p = analyse(halting, "Well, um, I think, uh, maybe.")
     assert p.pauses >= 2 and p.fillers == 2 and "hesitant" in describe(p)
     assert "too short or too quiet" in describe(analyse(np.zeros(8000, np.float32)))
+
+
+def test_voice_trend_across_the_call():
+    from models.perception.prosody import ProsodyTrend
+
+    trend = ProsodyTrend()
+    usual = Prosody(2.0, 120.0, 6.0, 0.0, -24.0, 5.5, 0, 0.1, 0)
+    assert trend.describe_change(usual) == ""  # nothing to compare with yet
+    for _ in range(3):
+        trend.add(usual)
+    assert trend.describe_change(usual) == ""
+    rushed = Prosody(2.0, 145.0, 6.0, 0.0, -15.0, 7.5, 0, 0.05, 0)
+    assert trend.describe_change(rushed) == "They spoke faster and louder and at a higher pitch than earlier in the call."
+    assert trend.describe_change(Prosody(2.0, 118.0, 6.0, 0.0, -33.0, 4.0, 0, 0.2, 0)) == (
+        "They spoke slower and more quietly than earlier in the call.")

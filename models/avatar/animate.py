@@ -58,10 +58,10 @@ _VIS_VEC = {name: _viseme_vector(name) for name in VISEMES}
 
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "joy": {"smile": 1.0, "brows_up": 0.15, "cheek_puff": 0.25},
-    "sadness": {"frown": 0.9, "brows_down": -0.1, "jaw_open": 0.02},
-    "anger": {"brows_down": 1.0, "lip_press": 0.4, "frown": 0.3},
-    "surprise": {"brows_up": 1.0, "jaw_open": 0.35, "mouth_round": 0.3},
+    "joy": {"smile": 1.3, "brows_up": 0.15, "cheek_puff": 0.35, "jaw_open": 0.06},
+    "sadness": {"frown": 1.25, "brows_up": 0.2, "jaw_open": 0.02, "blink_l": 0.2, "blink_r": 0.2},
+    "anger": {"brows_down": 1.3, "lip_press": 0.5, "frown": 0.35, "blink_l": 0.15, "blink_r": 0.15},
+    "surprise": {"brows_up": 1.2, "jaw_open": 0.55, "mouth_round": 0.3},
 }
 
 
@@ -107,6 +107,10 @@ class Animator:
 
     emotion: str = "neutral"
     emotion_level: float = 1.0
+    # While listening (not speaking) the face may answer what it sees of the user (perception):
+    # a smile back, concern. None: keep `emotion`.
+    listening_emotion: str | None = None
+    listening_level: float = 0.5
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng())
     tracks: list[SpeechTrack] = field(default_factory=list)
     listening: bool = False
@@ -139,8 +143,11 @@ class Animator:
         p = Pose()
         # Emotion eases in and out over ~300 ms.
         target = np.zeros(len(CHANNELS), np.float32)
-        for k, w in EMOTIONS.get(self.emotion, {}).items():
-            target[_IDX[k]] = w * self.emotion_level
+        emotion, level = self.emotion, self.emotion_level
+        if self.listening_emotion is not None and not self.is_speaking(t):
+            emotion, level = self.listening_emotion, self.listening_level
+        for k, w in EMOTIONS.get(emotion, {}).items():
+            target[_IDX[k]] = w * level
         self._emo += (target - self._emo) * (1 - np.exp(-dt / 0.3))
         p.weights[:] = self._emo
         self.tracks = [tr for tr in self.tracks if t <= tr.t0 + tr.duration + 0.3]

@@ -133,3 +133,41 @@ def describe(p: Prosody) -> str:
     hesitant = ", and sounded hesitant" if p.fillers >= 2 or (p.pauses >= 2 and p.syllables_per_s < 4.8) else ""
     parts = " and ".join(x for x in (rate, level) if x) + (" " + melody if melody else "")
     return f"The user spoke {parts}{pauses}{ending}{hesitant}."
+
+
+@dataclass
+class ProsodyTrend:
+    """The user's voice across the call (running means over utterances), so one utterance can be
+    described against their own usual pace, pitch and loudness."""
+
+    utterances: int = 0
+    rate: float = 0.0
+    pitch_hz: float = 0.0
+    energy_db: float = 0.0
+
+    def describe_change(self, p: Prosody) -> str:
+        """A sentence when this utterance differs from the user's usual voice ("" otherwise)."""
+        if self.utterances < 2 or p.voiced_s < 0.5:
+            return ""
+        changes = []
+        if p.syllables_per_s > 1.25 * self.rate:
+            changes.append("faster")
+        elif p.syllables_per_s < 0.8 * self.rate:
+            changes.append("slower")
+        if p.energy_db > self.energy_db + 6:
+            changes.append("louder")
+        elif p.energy_db < self.energy_db - 6:
+            changes.append("more quietly")
+        if p.pitch_hz and self.pitch_hz and p.pitch_hz > 1.15 * self.pitch_hz:
+            changes.append("at a higher pitch")
+        return f"They spoke {' and '.join(changes)} than earlier in the call." if changes else ""
+
+    def add(self, p: Prosody) -> None:
+        if p.voiced_s < 0.5:
+            return
+        self.utterances += 1
+        a = 1.0 / min(self.utterances, 8)  # the mean of the first 8, then a moving average
+        self.rate += a * (p.syllables_per_s - self.rate)
+        self.energy_db += a * (p.energy_db - self.energy_db)
+        if p.pitch_hz:
+            self.pitch_hz = p.pitch_hz if not self.pitch_hz else self.pitch_hz + a * (p.pitch_hz - self.pitch_hz)

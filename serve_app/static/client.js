@@ -31,6 +31,7 @@ function onEvent(ev) {
         ", TTS " + (ms.tts_first_audio ?? "?") + ")";
       break;
     }
+    case "conversation.perception": $("perception").textContent = "What the avatar sees: " + props.visual; break;
     case "system.replica_joined": setStatus("connected"); break;
     case "system.shutdown": setStatus("ended: " + props.shutdown_reason); state.ended = true; break;
   }
