@@ -304,8 +304,12 @@ class FaceAnalyzer:
             for k, (a, b) in enumerate(((EYE_R[0], EYE_R[1]), (EYE_L[1], EYE_L[0]))):
                 c = 0.5 * (mesh[n, a, :2] + mesh[n, b, :2])
                 half = 1.15 * abs(mesh[n, b, 0] - mesh[n, a, 0]) + 1.0
-                box = (c[0] - half, c[1] - half, c[0] + half, c[1] + half)
-                eye = img.transform((64, 64), Image.EXTENT, box, resample=Image.BILINEAR)
+                # Whole-pixel box: crop (zero-padded outside the image) then resize is ~5× cheaper than
+                # PIL's EXTENT transform, and the points are mapped back through the same box.
+                x0, y0 = int(round(c[0] - half)), int(round(c[1] - half))
+                side = max(2, int(round(2 * half)))
+                box = (x0, y0, x0 + side, y0 + side)
+                eye = img.crop(box).resize((64, 64), Image.BILINEAR)
                 if k == 0:
                     eye = eye.transpose(Image.FLIP_LEFT_RIGHT)
                 eyes[2 * n + k] = np.asarray(eye)
