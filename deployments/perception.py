@@ -42,10 +42,17 @@ class Perception:
         if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
                 and 16 <= min(frame.shape[:2]) and max(frame.shape[:2]) <= MAX_SIDE):
             raise ValueError(f"expected an RGB uint8 frame with sides 16..{MAX_SIDE}")
-        if hint is not None and not (len(hint) == 4 and all(np.isfinite(float(v)) for v in hint) and float(hint[2]) > 8):
-            hint = None  # a malformed hint only costs a detection
         with self.times.measure():
-            return await self._analyse((frame, None if hint is None else tuple(float(v) for v in hint)))
+            return await self._analyse((frame, _valid_hint(hint)))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.times.stats()
+
+
+def _valid_hint(hint) -> tuple[float, float, float, float] | None:
+    """A usable crop hint (cx, cy, size, angle), or None: a malformed hint only costs a detection."""
+    try:
+        roi = tuple(float(v) for v in hint)
+    except (TypeError, ValueError):
+        return None
+    return roi if len(roi) == 4 and all(np.isfinite(roi)) and roi[2] > 8 else None

@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from PIL import Image
 
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import AvatarRenderer, Pose
@@ -324,8 +325,7 @@ class ConversationSession:
 
     async def _perceive(self, rgb: np.ndarray, t: float) -> None:
         try:
-            last = self.visual.last
-            hint = last.roi if last is not None and last.present else None
+            hint = self.visual.last.roi if self.visual.last is not None else None  # None once the face is lost
             summary = await self.h.perception.analyse.remote(rgb, hint)
         except Exception as exc:  # a perception outage degrades the session, it does not end it
             log.warning("session %s perception failed: %s", self.cid, exc)
@@ -349,8 +349,9 @@ class ConversationSession:
             if args is not None:
                 self._fire_tool(tool, args, now)
         mirror = MIRROR.get(state.emotion) if state.visible and state.confidence >= 0.45 else None
-        self.animator.listening_emotion, level = mirror if mirror else (None, 0.5)
-        self.animator.listening_level = level
+        self.animator.listening_emotion = mirror[0] if mirror else None
+        if mirror:
+            self.animator.listening_level = mirror[1]
         if now - self._snapshot_at >= SNAPSHOT_EVERY_S:
             self._snapshot_at = now
             # For the ingress only (not the client): the end-of-call analysis if the stream is cut.
@@ -359,8 +360,6 @@ class ConversationSession:
     def _fire_tool(self, tool, args: dict, now: float) -> None:
         frames = []
         if self.tool_frames:
-            from PIL import Image  # only on a tool call
-
             for t, rgb in list(self._frames)[-2:]:
                 buf = io.BytesIO()
                 img = Image.fromarray(rgb)
@@ -473,7 +472,7 @@ class ConversationSession:
     def _voice_prosody(self, pcm: bytes) -> Prosody | None:
         """How the user's voice sounded in this utterance (models/perception/prosody.py), unless the
         persona turned perception off."""
-        if (self.persona.get("layers") or {}).get("perception", {}).get("perception_model") == "off":
+        if not self.perceiving:
             return None
         return analyse_prosody(np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0)
 

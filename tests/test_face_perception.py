@@ -72,6 +72,22 @@ def test_head_turn_and_summary_round_trip(analyzer, faces):
     assert back.smile == pytest.approx(front.smile, abs=1e-3)
 
 
+def test_tracking_from_the_previous_frame_and_losing_it(analyzer, faces):
+    from deployments.perception import _valid_hint
+
+    first = analyzer.analyse([faces["neutral"]])[0]
+    assert first.roi is not None
+    tracked = analyzer.analyse([faces["neutral"]], [first.roi])[0]
+    assert tracked.present and abs(tracked.yaw_deg - first.yaw_deg) < 5
+    assert abs(tracked.smile - first.smile) < 0.008  # inside the calm band: tracking does not read as an expression
+    # A hint where no face is: the mesh model finds nothing there, and the frame is detected afresh.
+    lost = analyzer.analyse([faces["neutral"]], [(12.0, 12.0, 40.0, 0.0)])[0]
+    assert lost.present and abs(lost.box[0] - first.box[0]) < 8
+    assert _valid_hint(first.roi) == first.roi
+    assert _valid_hint(None) is None and _valid_hint("abcd") is None and _valid_hint([1, 2, 3]) is None
+    assert _valid_hint([1.0, 2.0, float("nan"), 0.0]) is None and _valid_hint([1, 2, 4, 0]) is None
+
+
 def test_smile_against_the_users_resting_face(analyzer, faces):
     track = VisualTrack()
     for i in range(4):

@@ -43,6 +43,13 @@ async def until(client: PresenceRTCClient, since: int, ok, timeout: float = 30) 
         await asyncio.sleep(0.1)
 
 
+async def respond(client: PresenceRTCClient, text: str) -> dict:
+    """Send a typed user turn; returns the replica's utterance answering it."""
+    since = len(client.events)
+    client.send("conversation.respond", text=text)
+    return await client.wait_event("conversation.utterance", timeout=90, since=since, role="replica")
+
+
 def test_smiling_vs_neutral_face_changes_perception_and_llm_context(idle, presence, api_key, webhook):
     neutral, smiling = camera_faces()
 
@@ -60,9 +67,7 @@ def test_smiling_vs_neutral_face_changes_perception_and_llm_context(idle, presen
         await client.connect()
         calm = await client.wait_event("conversation.perception", timeout=30, visible=True, emotion="neutral")
         assert calm["properties"]["visual"] == "The user looks calm, looking at you."
-        since = len(client.events)
-        client.send("conversation.respond", text="Hello there.")
-        first = await client.wait_event("conversation.utterance", timeout=90, since=since, role="replica")
+        first = await respond(client, "Hello there.")
         assert "The user looks calm" in first["properties"]["llm_perception"]
 
         client.camera.image = smiling
@@ -79,9 +84,7 @@ def test_smiling_vs_neutral_face_changes_perception_and_llm_context(idle, presen
         llm_tool = await client.wait_event("conversation.tool_call", timeout=5, since=since, name="user_smiling")
         assert llm_tool["properties"]["source"] == "perception"
 
-        since = len(client.events)
-        client.send("conversation.respond", text="How do I look today?")
-        second = await client.wait_event("conversation.utterance", timeout=90, since=since, role="replica")
+        second = await respond(client, "How do I look today?")
         assert "The user is smiling" in second["properties"]["llm_perception"]
         cid = conv["conversation_id"]
         async with httpx.AsyncClient(base_url=presence, headers={"x-api-key": api_key}) as http:

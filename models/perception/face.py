@@ -34,7 +34,6 @@ EYE_R = (33, 133, 159, 145, 160, 144, 158, 153)  # the person's right eye: outer
 EYE_L = (263, 362, 386, 374, 387, 373, 385, 380)
 MOUTH_CORNERS = (61, 291)
 LIP_TOP, LIP_BOTTOM = 13, 14
-UPPER_LIP_OUTER = 0
 SUBNASALE, CHIN, FOREHEAD = 2, 152, 10
 CHEEK_R, CHEEK_L = 234, 454
 BROW_R, BROW_L = 105, 334
@@ -234,23 +233,25 @@ class FaceAnalyzer:
         if not frames:
             return []
         hints = hints or [None] * len(frames)
+        # Where to crop each frame for the mesh (cx, cy, size, angle), and how sure we are a face is there.
+        crop_at: list[tuple[float, float, float, float] | None] = [None] * len(frames)
+        scores = [1.0] * len(frames)
         need = [i for i, h in enumerate(hints) if h is None]
-        dets: list = [None] * len(frames)
         for i, d in zip(need, self._detect([frames[i] for i in need]) if need else [], strict=True):
-            dets[i] = d
+            if d is not None:
+                scores[i], box, kp = d
+                crop_at[i] = self._roi_from_detection(box, kp)
         for i, h in enumerate(hints):
             if h is not None:
-                dets[i] = (1.0, None, tuple(float(v) for v in h))
-        found = [i for i, d in enumerate(dets) if d is not None]
+                crop_at[i] = tuple(float(v) for v in h)
+        found = [i for i, r in enumerate(crop_at) if r is not None]
         obs = [FaceObservation(present=False) for _ in frames]
         if not found:
             return obs
         crops: list[Image.Image] = []
         rois = []
         for i in found:
-            _, box, kp = dets[i]
-            roi = kp if box is None else self._roi_from_detection(box, kp)
-            m = self._affine(roi)
+            m = self._affine(crop_at[i])
             rois.append(m)
             crops.append(Image.fromarray(frames[i]).transform(
                 (MESH_SIZE, MESH_SIZE), Image.AFFINE, tuple(m.ravel()), resample=Image.BILINEAR))
@@ -262,9 +263,9 @@ class FaceAnalyzer:
         probs = self.expression(faces)["Identity"]
         lost = []
         for n, i in enumerate(found):
-            score = float(min(dets[i][0], flag[n]))
+            score = float(min(scores[i], flag[n]))
             if flag[n] < 0.5:
-                if dets[i][1] is None:
+                if hints[i] is not None:
                     lost.append(i)  # tracking lost the face: detect it again below
                 continue  # the detector fired but the mesh model sees no face
             pts = np.empty((478, 3), np.float32)
