@@ -57,9 +57,14 @@ def action_evidence(delta: np.ndarray) -> np.ndarray:
     widened = sig((eyes - 0.04) / 0.01)
     joy = sig((smile - 0.012) / 0.003) * (1 - sig((opened - 0.035) / 0.006))
     surprise = max(sig((opened - 0.025) / 0.005), sig((brow - 0.02) / 0.004), widened) * (1 - 0.7 * joy)
-    sadness = sig((-smile - 0.006) / 0.002)
+    # Lowered brows (the brow lowerer, anger's mark) turn corners pulled down from sadness to anger;
+    # sad brows rise at the inner ends, so they do not read as lowered.
+    lowered = sig((-brow - 0.006) / 0.002)
+    down = sig((-smile - 0.006) / 0.002)
+    sadness = down * (1 - lowered)
     narrowed = sig((-eyes - 0.03) / 0.01) if eyes > -0.15 else 0.0  # not a blink
-    anger = max(sig((-brow - 0.009) / 0.0025), narrowed * (1 - sig((smile - 0.005) / 0.003)))
+    anger = max(sig((-brow - 0.009) / 0.0025), lowered * sig((-smile - 0.002) / 0.002),
+                narrowed * (1 - sig((smile - 0.005) / 0.003)))
     ev = np.array([0.0, joy, sadness, anger, surprise], np.float32)
     ev[0] = 1.0 - ev[1:].max()
     return ev
