@@ -108,11 +108,21 @@ class Ingress:
         if not key or key not in self.api_keys:
             raise HTTPException(401, "missing or invalid x-api-key")
 
-    def _conversation(self, conversation_id: str) -> ConversationRow:
-        row = self.store.get_conversation(conversation_id)
+    @staticmethod
+    def _found(row, kind: str, key: str):
+        """`row`, or a 404 naming what was not found."""
         if row is None:
-            raise HTTPException(404, f"conversation {conversation_id} not found")
+            raise HTTPException(404, f"{kind} {key} not found")
         return row
+
+    def _conversation(self, conversation_id: str) -> ConversationRow:
+        return self._found(self.store.get_conversation(conversation_id), "conversation", conversation_id)
+
+    def _persona(self, persona_id: str) -> PersonaRow:
+        return self._found(self.store.get_persona(persona_id), "persona", persona_id)
+
+    def _replica(self, replica_id: str) -> ReplicaRow:
+        return self._found(self.store.get_replica(replica_id), "replica", replica_id)
 
     def _slots_in_use(self) -> int:
         now = time.time()
@@ -129,9 +139,7 @@ class Ingress:
             status_code=503, headers={"Retry-After": "10"})
 
     def _ready_replica(self, replica_id: str) -> ReplicaRow:
-        row = self.store.get_replica(replica_id)
-        if row is None:
-            raise HTTPException(404, f"replica {replica_id} not found")
+        row = self._replica(replica_id)
         if row.status != "ready":
             raise HTTPException(409, f"replica {replica_id} is {row.status}, not ready")
         return row
@@ -139,10 +147,7 @@ class Ingress:
     def _persona_data(self, persona_id: str | None) -> dict:
         if persona_id is None:
             return DEFAULT_PERSONA.model_dump(mode="json")
-        row = self.store.get_persona(persona_id)
-        if row is None:
-            raise HTTPException(404, f"persona {persona_id} not found")
-        return row.data
+        return self._persona(persona_id).data
 
     # --- web client ------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -178,17 +183,12 @@ class Ingress:
     @app.get("/v2/personas/{persona_id}")
     async def get_persona(self, persona_id: str, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
-        row = self.store.get_persona(persona_id)
-        if row is None:
-            raise HTTPException(404, f"persona {persona_id} not found")
-        return persona_json(row)
+        return persona_json(self._persona(persona_id))
 
     @app.patch("/v2/personas/{persona_id}")
     async def patch_persona(self, persona_id: str, body: PersonaPatch, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
-        row = self.store.get_persona(persona_id)
-        if row is None:
-            raise HTTPException(404, f"persona {persona_id} not found")
+        row = self._persona(persona_id)
         merged = {**row.data, **body.model_dump(mode="json", exclude_unset=True)}
         try:
             data = PersonaIn(**merged).model_dump(mode="json")
@@ -263,18 +263,15 @@ class Ingress:
     @app.get("/v2/replicas/{replica_id}")
     async def get_replica(self, replica_id: str, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
-        row = self.store.get_replica(replica_id)
-        if row is None:
-            raise HTTPException(404, f"replica {replica_id} not found")
-        return replica_json(row)
+        return replica_json(self._replica(replica_id))
 
     @app.delete("/v2/replicas/{replica_id}", status_code=204)
     async def delete_replica(self, replica_id: str, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
         if replica_id == STOCK_REPLICA:
             raise HTTPException(409, "the stock replica cannot be deleted")
-        row = self.store.get_replica(replica_id)
-        if row is None or not self.store.delete_replica(replica_id):
+        row = self._replica(replica_id)
+        if not self.store.delete_replica(replica_id):  # deleted meanwhile
             raise HTTPException(404, f"replica {replica_id} not found")
         head = (row.data or {}).get("head_path")
         if head:  # its files go too; live conversations keep the head they loaded

@@ -90,6 +90,30 @@ class Store:
     def session(self) -> Session:
         return self._session()
 
+    # One row by key, a page of rows, deleting a row: the same for every table.
+    def _get(self, model: type[Base], key: str):
+        with self.session() as s:
+            return s.get(model, key)
+
+    def _page(self, model: type[Base], limit: int, offset: int, order, where=None) -> tuple[list, int]:
+        q, cq = select(model), select(func.count()).select_from(model)
+        if where is not None:
+            q, cq = q.where(where), cq.where(where)
+        with self.session() as s:
+            rows = s.scalars(q.order_by(order).limit(limit).offset(offset)).all()
+            return list(rows), int(s.scalar(cq) or 0)
+
+    def _delete(self, model: type[Base], key: str, children=None) -> bool:
+        """Delete a row (and the rows of `children`, a select of them); False when there is none."""
+        with self.session() as s, s.begin():
+            row = s.get(model, key)
+            if row is None:
+                return False
+            for child in s.scalars(children) if children is not None else ():
+                s.delete(child)
+            s.delete(row)
+            return True
+
     # personas
     def add_persona(self, data: dict) -> PersonaRow:
         row = PersonaRow(persona_id=new_id("p"), persona_name=data.get("persona_name") or "", data=data)
@@ -98,14 +122,10 @@ class Store:
         return row
 
     def get_persona(self, persona_id: str) -> PersonaRow | None:
-        with self.session() as s:
-            return s.get(PersonaRow, persona_id)
+        return self._get(PersonaRow, persona_id)
 
     def list_personas(self, limit: int, offset: int) -> tuple[list[PersonaRow], int]:
-        with self.session() as s:
-            total = s.scalar(select(func.count()).select_from(PersonaRow))
-            rows = s.scalars(select(PersonaRow).order_by(PersonaRow.created_at).limit(limit).offset(offset)).all()
-            return list(rows), int(total or 0)
+        return self._page(PersonaRow, limit, offset, PersonaRow.created_at)
 
     def update_persona(self, persona_id: str, data: dict) -> PersonaRow | None:
         with self.session() as s, s.begin():
@@ -118,12 +138,7 @@ class Store:
             return row
 
     def delete_persona(self, persona_id: str) -> bool:
-        with self.session() as s, s.begin():
-            row = s.get(PersonaRow, persona_id)
-            if row is None:
-                return False
-            s.delete(row)
-            return True
+        return self._delete(PersonaRow, persona_id)
 
     # replicas
     def add_replica(self, name: str, status: str = "training", data: dict | None = None,
@@ -134,14 +149,10 @@ class Store:
         return row
 
     def get_replica(self, replica_id: str) -> ReplicaRow | None:
-        with self.session() as s:
-            return s.get(ReplicaRow, replica_id)
+        return self._get(ReplicaRow, replica_id)
 
     def list_replicas(self, limit: int, offset: int) -> tuple[list[ReplicaRow], int]:
-        with self.session() as s:
-            total = s.scalar(select(func.count()).select_from(ReplicaRow))
-            rows = s.scalars(select(ReplicaRow).order_by(ReplicaRow.created_at).limit(limit).offset(offset)).all()
-            return list(rows), int(total or 0)
+        return self._page(ReplicaRow, limit, offset, ReplicaRow.created_at)
 
     def update_replica(self, replica_id: str, status: str, **data: Any) -> ReplicaRow | None:
         with self.session() as s, s.begin():
@@ -154,12 +165,7 @@ class Store:
             return row
 
     def delete_replica(self, replica_id: str) -> bool:
-        with self.session() as s, s.begin():
-            row = s.get(ReplicaRow, replica_id)
-            if row is None:
-                return False
-            s.delete(row)
-            return True
+        return self._delete(ReplicaRow, replica_id)
 
     # conversations
     def add_conversation(self, **fields: Any) -> ConversationRow:
@@ -169,18 +175,11 @@ class Store:
         return row
 
     def get_conversation(self, conversation_id: str) -> ConversationRow | None:
-        with self.session() as s:
-            return s.get(ConversationRow, conversation_id)
+        return self._get(ConversationRow, conversation_id)
 
     def list_conversations(self, limit: int, offset: int, status: str | None = None) -> tuple[list[ConversationRow], int]:
-        with self.session() as s:
-            q = select(ConversationRow)
-            cq = select(func.count()).select_from(ConversationRow)
-            if status:
-                q = q.where(ConversationRow.status == status)
-                cq = cq.where(ConversationRow.status == status)
-            rows = s.scalars(q.order_by(ConversationRow.created_at.desc()).limit(limit).offset(offset)).all()
-            return list(rows), int(s.scalar(cq) or 0)
+        return self._page(ConversationRow, limit, offset, ConversationRow.created_at.desc(),
+                          where=(ConversationRow.status == status) if status else None)
 
     def set_status(self, conversation_id: str, status: str, reason: str | None = None) -> None:
         with self.session() as s, s.begin():
@@ -194,14 +193,8 @@ class Store:
                 row.ended_at = time.time()
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        with self.session() as s, s.begin():
-            row = s.get(ConversationRow, conversation_id)
-            if row is None:
-                return False
-            for t in s.scalars(select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id)):
-                s.delete(t)
-            s.delete(row)
-            return True
+        return self._delete(ConversationRow, conversation_id,
+                            children=select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id))
 
     # transcripts
     def add_utterance(self, conversation_id: str, role: str, content: str) -> None:
