@@ -11,7 +11,7 @@ Runs the models that ship inside packages, through LiteRT (`ai-edge-litert`):
 Pre/post-processing is numpy + OpenCV (warps and resizes; PIL's affine transform cost 5× more): SSD
 anchors and box decoding for BlazeFace, a rotated square crop (eyes level, 1.5× the face box, as
 mediapipe's graph does) for the mesh, and geometry for pose, gaze and eye openness. Frames are
-analysed in batches: one model call per stage for all frames.
+analysed in batches, stage by stage (each model is invoked sample by sample: its batch size is fixed at 1).
 """
 
 from __future__ import annotations
