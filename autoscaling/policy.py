@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from autoscaling import stats
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -111,13 +113,13 @@ class SessionHostPolicy:
         self.headroom = float(headroom_sessions)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        sessions = sum(_per_replica(ctx, "sessions").values())
+        sessions = sum(_per_replica(ctx, stats.SESSIONS).values())
         # Sessions routed but not yet admitted by a replica wait at the handle: they are demand too.
         waiting = float(ctx.total_queued_requests or 0.0)
         decision = session_host_replicas(
             ctx.current_num_replicas, sessions + waiting, self.target,
-            _worst(_per_replica(ctx, "reply_p95_ms")), self.reply_slo,
-            _worst(_per_replica(ctx, "frame_p95_ms")), self.frame_slo, self.headroom,
+            _worst(_per_replica(ctx, stats.REPLY_P95_MS)), self.reply_slo,
+            _worst(_per_replica(ctx, stats.FRAME_P95_MS)), self.frame_slo, self.headroom,
         )
         state = dict(ctx.policy_state or {})
         state["presence"] = {"replicas": decision.replicas, "reason": decision.reason, "sessions": sessions}
@@ -136,10 +138,10 @@ class ModelDeploymentPolicy:
         self.min_replicas = int(min_replicas)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        in_flight = sum(_per_replica(ctx, "in_flight").values())
+        in_flight = sum(_per_replica(ctx, stats.IN_FLIGHT).values())
         decision = model_replicas(
             ctx.current_num_replicas, in_flight, float(ctx.total_queued_requests or 0.0), self.target,
-            _worst(_per_replica(ctx, "p95_service_ms")), self.slo, self.min_replicas,
+            _worst(_per_replica(ctx, stats.P95_SERVICE_MS)), self.slo, self.min_replicas,
         )
         state = dict(ctx.policy_state or {})
         state["presence"] = {"replicas": decision.replicas, "reason": decision.reason}

@@ -27,6 +27,15 @@ def cpu_profile_args() -> dict:
     return cpu_profile_config()["applications"][0]["args"]
 
 
+def deployment_options(name: str) -> dict:
+    """The CPU profile's options for one deployment (for `Deployment.options(**...)` when a benchmark
+    deploys it alone): the config file is the one place they are set."""
+    for d in cpu_profile_config()["applications"][0]["deployments"]:
+        if d["name"] == name:
+            return {k: v for k, v in d.items() if k != "name"}
+    raise KeyError(name)
+
+
 def start_local_app(api_key: str, database_url: str, max_sessions: int | None = None, port: int | None = None,
                     num_gpus: int = 0, deployments: dict[str, dict] | None = None, timeout_s: float = 180) -> str:
     """ray.init, then deploy configs/cpu.yaml exactly as `serve run configs/cpu.yaml` does (its

@@ -31,11 +31,11 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deployments.perception import wire_size  # noqa: E402
 from models.avatar.animate import EMOTIONS as AVATAR_EMOTIONS  # noqa: E402
 from models.avatar.head import build_head  # noqa: E402
 from models.avatar.render import CPUAvatarRenderer, Pose  # noqa: E402
 from models.perception.face import FaceAnalyzer  # noqa: E402
+from models.perception.frames import wire_size  # noqa: E402
 from models.perception.fusion import EMOTIONS, VisualTrack, fer_to_emotions, fuse, visual_emotion  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -171,7 +171,7 @@ def cost_per_frame(analyzer: FaceAnalyzer, renderer: CPUAvatarRenderer, n: int =
     downscale to the I420 wire frame, the deployment's conversion to RGB and face analysis
     (tracking), and fusion; back to back (steady state) and paced at 4 fps. Serve's transport between
     host and deployment is measured in `cost_through_serve`."""
-    from deployments.perception import decode_frame
+    from models.perception.frames import decode_frame
 
     frame = _camera_frame(renderer)
     names = ("downscale", "to_rgb", "analyse", "fusion")
@@ -245,7 +245,10 @@ def cost_through_serve(renderer: CPUAvatarRenderer, n: int = 120, idle_s: float 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        handle = serve.run(Perception.bind(), name="perception_eval", route_prefix=None)
+        from benchmarks.local_app import deployment_options
+
+        handle = serve.run(Perception.options(**deployment_options("Perception")).bind(), name="perception_eval",
+                           route_prefix=None)
 
         @serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
         class Noop:

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from autoscaling import stats as stat_keys
+
 ONE_THREAD_ENV = {
     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
     "CT2_INTER_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -62,4 +64,4 @@ class ServiceTimes:
             self.add(timing["ms"])
 
     def stats(self) -> dict[str, float]:
-        return {"p95_service_ms": self.p95(), "in_flight": float(self.in_flight)}
+        return {stat_keys.P95_SERVICE_MS: self.p95(), stat_keys.IN_FLIGHT: float(self.in_flight)}

@@ -25,7 +25,7 @@ def make_backend(kind: str, **kw):
     raise ValueError(f"unknown LLM backend {kind!r}")
 
 
-@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0})
+@serve.deployment
 class LLM:
     def __init__(self, backend: str = "llamacpp", backend_args: dict | None = None) -> None:
         limit_threads()
@@ -45,14 +45,14 @@ class LLM:
                                                       endpoint.get("model") or "default")
         return self._external[key]
 
-    async def stream(self, messages: list[dict], params: dict | None = None,
+    async def stream(self, messages: list[dict], params: GenerationParams | None = None,
                      endpoint: dict | None = None) -> AsyncIterator[str]:
         """Yields text pieces as they are generated. Cancelling the call stops generation."""
         t0 = time.perf_counter()
         first = True
         self.ttft.in_flight += 1
         try:
-            async for piece in self._backend_for(endpoint).stream(messages, GenerationParams(**(params or {}))):
+            async for piece in self._backend_for(endpoint).stream(messages, params or GenerationParams()):
                 if first:
                     self.ttft.add((time.perf_counter() - t0) * 1000)
                     first = False

@@ -1,5 +1,6 @@
 """ReplicaTrainer deployment: fits the stock head to an uploaded photo or video (models/avatar/fit.py)
-and writes the replica's head files (3DGS PLY + rig) where SessionHost replicas read them.
+and writes the replica's head files (3DGS PLY + rig) where SessionHost replicas read them. It returns
+the outcome; the ingress, which owns the database, records it.
 
 On a cluster `replicas_dir` must be shared storage (NFS/EFS, or a mounted bucket): a SessionHost on
 another node loads the head from there.
@@ -16,10 +17,10 @@ from pathlib import Path
 from ray import serve
 
 from deployments.common import limit_threads
-from models.avatar.fit import MediaError, decode_media, fit_head
+from models.avatar.fit import fit_head
 from models.avatar.head import build_head
 from models.avatar.headfile import save_head
-from serve_app.db import Store
+from models.media import MediaError, decode_media
 
 log = logging.getLogger("presence.replicas")
 
@@ -30,11 +31,10 @@ def default_replicas_dir() -> Path:
     return Path(os.environ.get("PRESENCE_REPLICAS_DIR", ROOT / "data" / "replicas"))
 
 
-@serve.deployment(max_ongoing_requests=1, max_queued_requests=16, ray_actor_options={"num_cpus": 0})
+@serve.deployment
 class ReplicaTrainer:
-    def __init__(self, replicas_dir: str | None = None, gaussians: int = 20000, database_url: str | None = None) -> None:
+    def __init__(self, replicas_dir: str | None = None, gaussians: int = 20000) -> None:
         limit_threads()
-        self.store = Store(database_url)
         self.dir = Path(replicas_dir) if replicas_dir else default_replicas_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.gaussians = gaussians
@@ -53,17 +53,12 @@ class ReplicaTrainer:
                 "fit_s": round(time.perf_counter() - t0, 1)}
 
     async def fit(self, replica_id: str, data: bytes, content_type: str) -> dict:
-        """Fit and save, and record the replica's new status and measurements (or the error) in the
-        database; returns the same record."""
+        """Fit and save the replica's head. Returns {"status": "ready", head_path, psnr_before,
+        psnr_after, ...} or {"status": "error", "error": why}; never raises for bad media."""
         try:
-            result = await asyncio.to_thread(self._fit, replica_id, data, content_type)
+            return await asyncio.to_thread(self._fit, replica_id, data, content_type)
         except MediaError as exc:
-            result = {"status": "error", "error": str(exc)}
+            return {"status": "error", "error": str(exc)}
         except Exception as exc:  # never leave a replica "training" forever
             log.exception("replica %s: fit failed", replica_id)
-            result = {"status": "error", "error": f"fit failed: {exc}"}
-        record = dict(result)
-        status = record.pop("status")
-        if self.store.get_replica(replica_id) is not None:  # deleted meanwhile: drop the result
-            self.store.update_replica(replica_id, status, **record)
-        return result
+            return {"status": "error", "error": f"fit failed: {exc}"}

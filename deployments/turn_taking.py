@@ -1,4 +1,8 @@
-"""TurnTaking deployment: smart-turn v3.2 end-of-turn probability, batched across sessions."""
+"""TurnTaking deployment: smart-turn v3.2 end-of-turn probability, batched across sessions.
+
+It scores the audio only and reports its configured threshold; the session fuses the score with the
+final transcript once (models.turn.fuse), since the transcript is not known when the score is asked
+for (both run in parallel after a pause)."""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from ray import serve
 from deployments.common import ServiceTimes, limit_threads, warmup_audio
 from deployments.gpu_metrics import start_gpu_metrics
 from models.audio import pcm16_to_float
-from models.turn import SmartTurn, fuse
+from models.turn import SmartTurn
+from models.wire import TurnScore
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+@serve.deployment
 class TurnTaking:
     def __init__(self, threshold: float = 0.5) -> None:
         limit_threads()
@@ -27,13 +32,11 @@ class TurnTaking:
     async def _probabilities(self, clips: list[np.ndarray]) -> list[float]:
         return list(await asyncio.to_thread(self.model.probability_batch, clips))
 
-    async def predict(self, pcm16: bytes, transcript: str = "") -> dict:
-        """P(turn complete) for 16 kHz int16 audio (the end of the user's speech), fused with text."""
-        with self.times.measure():
+    async def predict(self, pcm16: bytes) -> TurnScore:
+        """P(turn complete) for 16 kHz int16 audio (the end of the user's speech)."""
+        with self.times.measure() as timing:
             p = await self._probabilities(pcm16_to_float(pcm16))
-        decision = fuse(float(p), transcript, self.threshold)
-        return {"complete": decision.complete, "probability": decision.probability,
-                "audio_probability": decision.audio_probability, "reason": decision.reason}
+        return TurnScore(float(p), self.threshold, timing["ms"])
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.times.stats()

@@ -1,1 +1,1 @@
-"""Presence's Serve application: REST ingress, session hosts, per-session pipeline, web client."""
+"""Presence's Serve application: REST ingress, session hosts, the live session's parts, web client."""

@@ -5,9 +5,7 @@ import asyncio
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -15,14 +13,15 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
-from models.avatar.fit import IMAGE_TYPES, VIDEO_TYPES, MediaError, probe_media
+from models.media import IMAGE_TYPES, VIDEO_TYPES, MediaError, probe_media
 from serve_app import metrics
 from serve_app.db import ConversationRow, PersonaRow, ReplicaRow, Store
-from serve_app.events import event, goes_to_callback
-from serve_app.schemas import DEFAULT_PERSONA, ConversationIn, OfferJSON, PersonaIn, PersonaPatch
-from serve_app.webhooks import WebhookSender
+from serve_app.events import ShutdownReason
+from serve_app.live import LiveSessions
+from serve_app.schemas import DEFAULT_PERSONA, ConversationIn, ConversationProperties, OfferJSON, PersonaIn, PersonaPatch
+from serve_app.session import SessionSpec
+from serve_app.views import conversation_json, persona_json, replica_json
 
 log = logging.getLogger("presence.api")
 STATIC = Path(__file__).parent / "static"
@@ -44,35 +43,7 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
-def persona_json(row: PersonaRow) -> dict:
-    data = dict(row.data)
-    layers = data.get("layers") or {}
-    if (layers.get("llm") or {}).get("api_key"):
-        layers = {**layers, "llm": {**layers["llm"], "api_key": "***"}}  # never echo secrets
-    return {"persona_id": row.persona_id, **data, "layers": layers,
-            "created_at": row.created_at, "updated_at": row.updated_at}
-
-
-def replica_json(row: ReplicaRow) -> dict:
-    data = {k: v for k, v in (row.data or {}).items() if k != "head_path"}
-    return {"replica_id": row.replica_id, "replica_name": row.replica_name, "status": row.status,
-            "created_at": row.created_at, "updated_at": row.updated_at, **data}
-
-
-def conversation_json(row: ConversationRow, base_url: str, with_token: bool = False) -> dict:
-    out = {
-        "conversation_id": row.conversation_id, "conversation_name": row.conversation_name,
-        "status": row.status, "conversation_url": f"{base_url}/c/{row.conversation_id}#t={row.meeting_token}",
-        "replica_id": row.replica_id, "persona_id": row.persona_id, "callback_url": row.callback_url,
-        "created_at": row.created_at, "ended_at": row.ended_at, "shutdown_reason": row.shutdown_reason,
-        "properties": row.data.get("properties", {}),
-    }
-    if with_token:
-        out["meeting_token"] = row.meeting_token
-    return out
-
-
-@serve.deployment(max_ongoing_requests=200, ray_actor_options={"num_cpus": 0})
+@serve.deployment
 @serve.ingress(app)
 class Ingress:
     def __init__(self, session_host, trainer=None, api_keys: list[str] | None = None, max_sessions: int = 2,
@@ -82,23 +53,15 @@ class Ingress:
         if not keys:
             raise ValueError("no API keys configured: set PRESENCE_API_KEYS or the ingress's api_keys")
         self.api_keys = set(keys)
-        self.host = session_host
-        self.max_sessions = max_sessions
         self.ice_servers = ice_servers or []
         self.public_url = public_url
-        self.answer_timeout_s = answer_timeout_s
         self.store = Store(database_url)
         self.trainer = trainer
         self._training: set[asyncio.Task] = set()  # in-flight fits (referenced until they finish)
         if self.store.get_replica(STOCK_REPLICA) is None:
             self.store.add_replica("Stock", status="ready", data={"stock": True}, replica_id=STOCK_REPLICA)
-        self.webhooks = WebhookSender()
-        self.live: dict[str, dict[str, Any]] = {}
-        self._starting = 0
-        # A created conversation holds a session slot until it joins or its join window passes, so
-        # admission happens at POST /v2/conversations, not later at the WebRTC offer.
-        self.join_window_s = join_window_s
-        self._reserved: dict[str, float] = {}
+        # Admission happens at POST /v2/conversations (a slot is reserved), not later at the offer.
+        self.sessions = LiveSessions(session_host, self.store, max_sessions, join_window_s, answer_timeout_s)
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _base(self, request: Request) -> str:
@@ -124,30 +87,17 @@ class Ingress:
     def _replica(self, replica_id: str) -> ReplicaRow:
         return self._found(self.store.get_replica(replica_id), "replica", replica_id)
 
-    def _slots_in_use(self) -> int:
-        now = time.time()
-        for cid in [c for c, until in self._reserved.items() if until < now or c in self.live]:
-            self._reserved.pop(cid, None)
-        return len(self.live) + self._starting + len(self._reserved)
-
-    def _capacity_response(self) -> JSONResponse:
-        metrics.REJECTED.inc()
-        return JSONResponse(
-            {"detail": f"every session slot is taken ({self.max_sessions}: all SessionHost replicas are full at "
-                       "max_replicas); nothing was created, try again later", "reason": "capacity",
-             "live_sessions": len(self.live), "max_sessions": self.max_sessions},
-            status_code=503, headers={"Retry-After": "10"})
-
     def _ready_replica(self, replica_id: str) -> ReplicaRow:
         row = self._replica(replica_id)
         if row.status != "ready":
             raise HTTPException(409, f"replica {replica_id} is {row.status}, not ready")
         return row
 
-    def _persona_data(self, persona_id: str | None) -> dict:
+    def _persona_model(self, persona_id: str | None) -> PersonaIn:
+        """The conversation's persona, typed (rows were validated when written)."""
         if persona_id is None:
-            return DEFAULT_PERSONA.model_dump(mode="json")
-        return self._persona(persona_id).data
+            return DEFAULT_PERSONA
+        return PersonaIn.model_validate(self._persona(persona_id).data)
 
     # --- web client ------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -160,7 +110,7 @@ class Ingress:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(self):
-        return {"ok": True, "live_sessions": len(self.live), "max_sessions": self.max_sessions}
+        return {"ok": True, "live_sessions": len(self.sessions.live), "max_sessions": self.sessions.max_sessions}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(self):
@@ -217,41 +167,14 @@ class Ingress:
         self._auth(x_api_key)
         if self.trainer is None:
             raise HTTPException(503, "replica training is not deployed in this profile")
-        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if ctype != "multipart/form-data":
-            raise HTTPException(415, "send multipart/form-data with a train_video (video or photo) field")
-        form = await request.form(max_files=1, max_fields=8, max_part_size=MAX_UPLOAD)
-        upload = form.get("train_video") or form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(400, "missing file field train_video")
-        data = await upload.read()
-        if len(data) > MAX_UPLOAD:
-            raise HTTPException(413, f"file larger than {MAX_UPLOAD} bytes")
-        media_type = (upload.content_type or "").lower()
-        if media_type not in IMAGE_TYPES | VIDEO_TYPES:
-            raise HTTPException(415, f"unsupported media type {media_type!r}: use one of "
-                                     f"{sorted(IMAGE_TYPES | VIDEO_TYPES)}")
-        try:
-            probe = await asyncio.to_thread(probe_media, data, media_type)
-        except MediaError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        name = str(form.get("replica_name") or "")[:200]
+        data, media_type, name, probe = await read_training_upload(request)
         row = self.store.add_replica(name, status="training", data={"media": probe})
-        # The trainer records the outcome in the database itself; the fit outlives this request.
-        task = asyncio.ensure_future(self._await_fit(row.replica_id, self.trainer.fit.remote(row.replica_id, data, media_type)))
+        # The fit outlives this request; record_fit stores its outcome.
+        fit = self.trainer.fit.remote(row.replica_id, data, media_type)
+        task = asyncio.ensure_future(record_fit(self.store, row.replica_id, fit))
         self._training.add(task)
         task.add_done_callback(self._training.discard)
         return replica_json(row)
-
-    async def _await_fit(self, replica_id: str, response) -> None:
-        """If the trainer itself dies, the replica must not stay `training` forever."""
-        try:
-            await response
-        except Exception as exc:
-            log.warning("replica %s: training failed: %r", replica_id, exc)
-            row = self.store.get_replica(replica_id)
-            if row is not None and row.status == "training":
-                self.store.update_replica(replica_id, "error", error=f"training failed: {exc}")
 
     @app.get("/v2/replicas")
     async def list_replicas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1),
@@ -283,15 +206,15 @@ class Ingress:
     @app.post("/v2/conversations")
     async def create_conversation(self, body: ConversationIn, request: Request, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
-        self._persona_data(body.persona_id)  # 404 on an unknown persona, before anything is created
+        self._persona_model(body.persona_id)  # 404 on an unknown persona, before anything is created
         self._ready_replica(body.replica_id or STOCK_REPLICA)
-        if self._slots_in_use() >= self.max_sessions:
-            return self._capacity_response()
+        if self.sessions.full():
+            return self.sessions.capacity_response()
         row = self.store.add_conversation(
             conversation_name=body.conversation_name, persona_id=body.persona_id, replica_id=body.replica_id or STOCK_REPLICA,
             meeting_token=secrets.token_urlsafe(24), callback_url=str(body.callback_url) if body.callback_url else None,
             data=body.model_dump(mode="json", exclude={"callback_url"}), status="active")
-        self._reserved[row.conversation_id] = time.time() + self.join_window_s
+        self.sessions.reserve(row.conversation_id)
         return conversation_json(row, self._base(request), with_token=True)
 
     @app.get("/v2/conversations")
@@ -308,8 +231,8 @@ class Ingress:
         self._auth(x_api_key)
         out = conversation_json(self._conversation(conversation_id), self._base(request))
         out["transcript"] = self.store.transcript(conversation_id)
-        if conversation_id in self.live:
-            out["session_host_replica"] = self.live[conversation_id].get("replica")
+        if conversation_id in self.sessions.live:
+            out["session_host_replica"] = self.sessions.live[conversation_id].replica
         return out
 
     @app.post("/v2/conversations/{conversation_id}/end")
@@ -318,14 +241,14 @@ class Ingress:
         row = self._conversation(conversation_id)
         if row.status == "ended":
             return {"conversation_id": conversation_id, "status": "ended"}
-        await self._end(conversation_id, "end_conversation_endpoint_hit")
+        await self.sessions.end(conversation_id, ShutdownReason.ENDPOINT_HIT)
         return {"conversation_id": conversation_id, "status": "ended"}
 
     @app.delete("/v2/conversations/{conversation_id}", status_code=204)
     async def delete_conversation(self, conversation_id: str, x_api_key: str | None = Header(None)):
         self._auth(x_api_key)
         self._conversation(conversation_id)
-        await self._end(conversation_id, "end_conversation_endpoint_hit")
+        await self.sessions.end(conversation_id, ShutdownReason.ENDPOINT_HIT)
         self.store.delete_conversation(conversation_id)
         return Response(status_code=204)
 
@@ -338,7 +261,7 @@ class Ingress:
             raise HTTPException(401, "missing or invalid join token (Authorization: Bearer <meeting_token>)")
         if row.status != "active":
             raise HTTPException(409, f"conversation is {row.status}")
-        if conversation_id in self.live:
+        if conversation_id in self.sessions.live:
             raise HTTPException(409, "conversation already has a live media session")
         raw = await request.body()
         if len(raw) > MAX_BODY:
@@ -353,108 +276,52 @@ class Ingress:
                 raise HTTPException(400, f"bad offer JSON: {exc.errors(include_url=False)}") from exc
         else:
             raise HTTPException(415, "send the SDP offer as application/sdp (or JSON {type: offer, sdp})")
-        reserved = self._reserved.pop(conversation_id, None)
-        if self._slots_in_use() >= self.max_sessions:
-            if reserved is not None:
-                self._reserved[conversation_id] = reserved
-            return self._capacity_response()
-        persona = self._persona_data(row.persona_id)
         data = row.data
-        spec = {
-            "conversation_id": conversation_id, "offer_sdp": sdp, "persona": persona,
-            "conversational_context": data.get("conversational_context", ""),
-            "custom_greeting": data.get("custom_greeting"), "properties": data.get("properties", {}),
-            "ice_servers": self.ice_servers,
-            "replica_head": self._replica_head(row.replica_id),
-        }
-        self._starting += 1
-        gen = None
-        try:
-            try:
-                gen = self.host.options(stream=True).run.remote(spec)
-                first = await asyncio.wait_for(gen.__anext__(), timeout=self.answer_timeout_s)
-            except Exception as exc:  # no host took it: a clean 503, never a 500
-                if gen is not None:
-                    gen.cancel()
-                if isinstance(exc, BackPressureError) or "backpressure" in str(exc).lower():
-                    why = "every SessionHost replica and its queue are full"
-                elif isinstance(exc, (TimeoutError, StopAsyncIteration)):
-                    why = "no session host answered in time"
-                else:
-                    log.warning("session host failed to start %s: %r", conversation_id, exc)
-                    why = "the session host could not start the session"
-                return JSONResponse({"detail": why, "reason": "capacity"}, status_code=503, headers={"Retry-After": "10"})
-        finally:
-            self._starting -= 1
+        spec = SessionSpec(
+            conversation_id=conversation_id, offer_sdp=sdp, persona=self._persona_model(row.persona_id),
+            properties=ConversationProperties.model_validate(data.get("properties", {})),
+            conversational_context=data.get("conversational_context", ""), custom_greeting=data.get("custom_greeting"),
+            ice_servers=self.ice_servers, replica_head=self._replica_head(row.replica_id))
+        first = await self.sessions.start(spec, row.callback_url)
+        if isinstance(first, Response):
+            return first
         if first["type"] == "error":
             raise HTTPException(first.get("status", 400), first["detail"])
-        metrics.SESSIONS_TOTAL.inc()
-        self.live[conversation_id] = {"gen": gen, "started": time.time(), "reason": None, "replica": first.get("replica")}
-        metrics.LIVE_SESSIONS.set(len(self.live))
-        self.live[conversation_id]["task"] = asyncio.ensure_future(self._consume(conversation_id, gen, row.callback_url))
         return Response(first["sdp"], status_code=201, media_type="application/sdp",
                         headers={"Location": f"/v2/conversations/{conversation_id}/webrtc"})
 
-    # --- the session's event stream ----------------------------------------------------------------------
-    async def _deliver(self, callback_url: str | None, ev: dict) -> None:
-        if callback_url and goes_to_callback(ev):
-            await self.webhooks.send(callback_url, ev)
 
-    async def _consume(self, cid: str, gen, callback_url: str | None) -> None:
-        reason = None
-        try:
-            async for item in gen:
-                ev = item["event"]
-                etype = ev["event_type"]
-                props = ev["properties"]
-                if etype == "internal.perception_snapshot":
-                    # Kept (memory only) for the end-of-call webhook in case the stream is cut before the host
-                    # can send its own application.perception_analysis.
-                    self.live[cid]["perception"] = props
-                    continue
-                if etype == "application.perception_analysis":
-                    self.live[cid]["perception_sent"] = True
-                if etype == "conversation.utterance":
-                    self.store.add_utterance(cid, props["role"], props["speech"])
-                elif etype == "conversation.turn_timings":
-                    metrics.observe_turn(props["ms_from_speech_end"])
-                elif etype == "system.shutdown":
-                    reason = props.get("shutdown_reason")
-                await self._deliver(callback_url, ev)
-        except asyncio.CancelledError:
-            reason = self.live.get(cid, {}).get("reason") or "end_conversation_endpoint_hit"
-        except Exception as exc:  # the host died (or we cancelled it): the transcript so far is stored
-            log.warning("session %s stream failed: %s", cid, exc)
-            reason = "error"
-        finally:
-            await asyncio.shield(self._finalize(cid, reason, callback_url))
+async def read_training_upload(request: Request) -> tuple[bytes, str, str, dict]:
+    """POST /v2/replicas' multipart body, checked: (data, media type, replica name, probe)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise HTTPException(415, "send multipart/form-data with a train_video (video or photo) field")
+    form = await request.form(max_files=1, max_fields=8, max_part_size=MAX_UPLOAD)
+    upload = form.get("train_video") or form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, "missing file field train_video")
+    data = await upload.read()
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, f"file larger than {MAX_UPLOAD} bytes")
+    media_type = (upload.content_type or "").lower()
+    if media_type not in IMAGE_TYPES | VIDEO_TYPES:
+        raise HTTPException(415, f"unsupported media type {media_type!r}: use one of "
+                                 f"{sorted(IMAGE_TYPES | VIDEO_TYPES)}")
+    try:
+        probe = await asyncio.to_thread(probe_media, data, media_type)
+    except MediaError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return data, media_type, str(form.get("replica_name") or "")[:200], probe
 
-    async def _finalize(self, cid: str, reason: str | None, callback_url: str | None) -> None:
-        entry = self.live.pop(cid, None)
-        metrics.LIVE_SESSIONS.set(len(self.live))
-        # An end we asked for wins over whatever the cancelled stream raised.
-        reason = (entry or {}).get("reason") or reason or "error"
-        metrics.SHUTDOWNS.labels(reason=reason).inc()
-        already = self.store.get_conversation(cid)
-        self.store.set_status(cid, "ended", reason)
-        if already is not None and entry and entry.get("reason"):
-            # The host could not say it (we cancelled its stream): the callback still hears it.
-            await self._deliver(callback_url, event(cid, "system.shutdown", shutdown_reason=reason))
-        if entry and entry.get("perception") and not entry.get("perception_sent"):
-            await self._deliver(callback_url, event(cid, "application.perception_analysis", **entry["perception"]))
-        await self._deliver(callback_url, event(cid, "application.transcription_ready",
-                                                transcript=self.store.transcript(cid)))
 
-    async def _end(self, cid: str, reason: str) -> None:
-        self._reserved.pop(cid, None)
-        entry = self.live.get(cid)
-        if entry is None:
-            self.store.set_status(cid, "ended", reason)
-            return
-        entry["reason"] = reason
-        entry["gen"].cancel()
-        entry["task"].cancel()
-        try:
-            await asyncio.wait_for(asyncio.shield(entry["task"]), timeout=10)
-        except (TimeoutError, asyncio.CancelledError):
-            pass
+async def record_fit(store: Store, replica_id: str, response) -> None:
+    """Record the trainer's outcome; if the trainer itself dies, the replica must not stay
+    `training` forever. A replica deleted meanwhile stays deleted."""
+    try:
+        result = dict(await response)
+    except Exception as exc:
+        log.warning("replica %s: training failed: %r", replica_id, exc)
+        result = {"status": "error", "error": f"training failed: {exc}"}
+    row = store.get_replica(replica_id)
+    if row is not None and row.status == "training":
+        store.update_replica(replica_id, result.pop("status"), **result)

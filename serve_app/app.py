@@ -25,6 +25,5 @@ def build_app(args: dict[str, Any]) -> Application:
     perception = Perception.bind(**args.get("perception", {}))
     host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}), perception=perception)
     video = args.get("video", {})
-    trainer = ReplicaTrainer.bind(gaussians=int(video.get("gaussians", 20000)),
-                                  database_url=args.get("ingress", {}).get("database_url"), **args.get("replicas", {}))
+    trainer = ReplicaTrainer.bind(gaussians=int(video.get("gaussians", 20000)), **args.get("replicas", {}))
     return Ingress.bind(host, trainer, **args.get("ingress", {}))

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from models.llm import GenerationParams
+
 Level = Literal["low", "medium", "high"]
 Emotion = Literal["neutral", "joy", "sadness", "anger", "surprise"]
 
@@ -15,8 +17,8 @@ class LLMLayer(BaseModel):
     model: str | None = Field(None, max_length=200)
     base_url: HttpUrl | None = None
     api_key: str | None = Field(None, max_length=500)
-    max_tokens: int = Field(80, ge=8, le=1024)
-    temperature: float = Field(0.4, ge=0.0, le=2.0)
+    max_tokens: int = Field(GenerationParams.max_tokens, ge=8, le=1024)
+    temperature: float = Field(GenerationParams.temperature, ge=0.0, le=2.0)
 
 
 class TTSLayer(BaseModel):

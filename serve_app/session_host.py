@@ -13,20 +13,22 @@ import time
 
 from ray import serve
 
+from autoscaling import stats
 from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.assets import onnx_session, silero_vad_onnx
 from models.avatar.head import Head, build_head
 from models.avatar.headfile import HeadFileError, load_head
 from models.avatar.render import CPUAvatarRenderer, Pose
+from models.vad import SileroVAD
+from serve_app.events import Event, ShutdownReason
 from serve_app.ice import apply_policy
-from serve_app.pipeline import BadOffer, ConversationSession, Handles, SessionSpec
+from serve_app.session import BadOffer, Handles, Session, SessionSpec
 
 log = logging.getLogger("presence.host")
 
 
-@serve.deployment(max_ongoing_requests=2, max_queued_requests=2, graceful_shutdown_timeout_s=4 * 3600,
-                  ray_actor_options={"num_cpus": 0})
+@serve.deployment  # options (session capacity, drain time, resources): configs/*.yaml
 class SessionHost:
     def __init__(self, turn, asr, llm, tts, video: dict | None = None, perception=None) -> None:
         limit_threads()
@@ -53,7 +55,7 @@ class SessionHost:
             CPUAvatarRenderer(self.head, self.width, self.height).render(Pose())  # compile numba kernels now
         else:
             raise ValueError(f"video backend {self.backend!r}: expected 'cpu' or 'gsplat'")
-        self.sessions: dict[str, ConversationSession] = {}
+        self.sessions: dict[str, Session] = {}
         self._heads: dict[str, Head] = {}
         self.started_at = time.time()
         self.reply_times = ServiceTimes(window_s=60.0)  # speech end -> first reply audio sent, per turn
@@ -63,11 +65,10 @@ class SessionHost:
         except Exception:  # constructed outside Serve (never in production)
             self.replica_id = "local"
 
-    async def run(self, spec: dict):
+    async def run(self, spec: SessionSpec):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
-        spec_obj = SessionSpec(**spec)
         try:
-            head_key, head = self._head(spec_obj.replica_head)
+            head_key, head = self._head(spec.replica_head)
         except (OSError, HeadFileError) as exc:
             yield {"type": "error", "status": 409, "detail": f"the replica's head cannot be loaded: {exc}"}
             return
@@ -79,7 +80,7 @@ class SessionHost:
             renderer = BatchedRenderer(self.batcher, head=head_key)
         else:
             renderer = CPUAvatarRenderer(head, self.width, self.height)
-        session = ConversationSession(spec_obj, self.handles, renderer, self.vad_session, self.fps)
+        session = Session(spec, self.handles, renderer, SileroVAD(self.vad_session), self.fps)
         try:
             answer = await session.start()
         except BadOffer as exc:
@@ -92,18 +93,18 @@ class SessionHost:
         try:
             while True:
                 ev = await session.events.get()
-                if ev["event_type"] == "conversation.turn_timings":
+                if ev["event_type"] == Event.TURN_TIMINGS:
                     sent = ev["properties"]["ms_from_speech_end"].get("first_audio_sent")
                     if sent is not None:
                         self.reply_times.add(sent)
                 yield {"type": "event", "event": ev}
-                if ev["event_type"] == "system.shutdown":
+                if ev["event_type"] == Event.SHUTDOWN:
                     break
             await runner
         except asyncio.CancelledError:
             # The ingress ended the call (POST /end, DELETE) or went away: close cleanly.
             runner.cancel()
-            await asyncio.shield(session.shutdown("end_conversation_endpoint_hit"))
+            await asyncio.shield(session.shutdown(ShutdownReason.ENDPOINT_HIT))
             raise
         finally:
             self.sessions.pop(session.cid, None)
@@ -125,5 +126,5 @@ class SessionHost:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What autoscaling.policy.SessionHostPolicy scales on."""
-        return {"sessions": float(len(self.sessions)), "reply_p95_ms": self.reply_times.p95(),
-                "frame_p95_ms": self.frame_times.p95()}
+        return {stats.SESSIONS: float(len(self.sessions)), stats.REPLY_P95_MS: self.reply_times.p95(),
+                stats.FRAME_P95_MS: self.frame_times.p95()}

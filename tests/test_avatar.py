@@ -1,14 +1,15 @@
-"""The splat head, the CPU rasteriser against a brute-force reference, and lip-sync animation."""
+"""The splat head, the CPU rasteriser against the torch reference renderer, and lip-sync animation."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from models.avatar import raster_torch
 from models.avatar.animate import Animator, SpeechTrack, lip_weights, viseme_of
 from models.avatar.camera import Camera, look_at, portrait_camera
 from models.avatar.gaussians import covariances, quat_from_normal
 from models.avatar.head import CHANNELS, PART_ID, PARTS, build_head
-from models.avatar.raster_cpu import rasterize, rasterize_reference
+from models.avatar.raster_cpu import contributors, rasterize
 from models.avatar.render import CPUAvatarRenderer, Pose
 
 
@@ -22,13 +23,31 @@ def random_scene(n, seed=0):
     return means, covariances(quats, scales).astype(np.float32), colors, opac
 
 
-def test_tiled_rasteriser_matches_brute_force():
+def test_tiled_rasteriser_matches_torch_reference():
     cam = Camera(look_at(np.array([0.0, 0.0, 1.5]), np.zeros(3)), 60.0, 60.0, 24.0, 20.0, 48, 40)
     for seed in range(3):
         means, covs, colors, opac = random_scene(60, seed)
         fast = rasterize(means, covs, colors, opac, cam, (0.1, 0.2, 0.3))
-        ref = rasterize_reference(means, covs, colors, opac, cam, (0.1, 0.2, 0.3))
+        ref = raster_torch.rasterize(means, covs, colors, opac, cam, (0.1, 0.2, 0.3)).numpy()
         assert np.abs(fast - ref).max() < 2e-3
+
+
+def test_contributor_lists_reproduce_the_render_and_carry_gradients():
+    """Fitting composites the numba rasteriser's per-pixel lists in torch: with enough slots per
+    pixel the image is the rasteriser's, and gradients reach colours and positions."""
+    import torch
+
+    cam = Camera(look_at(np.array([0.0, 0.0, 1.5]), np.zeros(3)), 60.0, 60.0, 24.0, 20.0, 48, 40)
+    means, covs, colors, opac = random_scene(60, 1)
+    ids = torch.from_numpy(contributors(means, covs, opac, cam, k_max=64).reshape(48 * 40, -1)).long()
+    m = torch.from_numpy(means).requires_grad_(True)
+    c = torch.from_numpy(colors).requires_grad_(True)
+    means2d, conics, _, _ = raster_torch.project(m, torch.from_numpy(covs), cam)
+    img = raster_torch.composite(means2d, conics, c, torch.from_numpy(opac), ids, 48, 40, (0.1, 0.2, 0.3))
+    fast = rasterize(means, covs, colors, opac, cam, (0.1, 0.2, 0.3))
+    assert np.abs(img.detach().numpy() - fast).max() < 2e-3
+    img.sum().backward()
+    assert c.grad.abs().sum() > 0 and m.grad.abs().sum() > 0
 
 
 def test_empty_scene_is_background():
@@ -122,6 +141,11 @@ def test_projection_matches_gsplat_torch_reference():
     # gsplat bounds each axis at 3.33 sigma, we bound the major axis at 3 sigma: same extent within 12 %.
     ref_extent = radii_ref[0, 0].numpy()[visible].max(axis=1)
     assert np.all(radii[visible] >= np.floor(ref_extent * 3.0 / 3.33) - 1)
+    # Our torch reference projection (what fitting differentiates) is the numba one.
+    m2, c2, r2, d2 = raster_torch.project(t(s.means), t(covs), cam)
+    assert np.allclose(m2.numpy(), means2d, atol=1e-3) and np.allclose(d2.numpy(), depths, rtol=1e-5)
+    assert np.allclose(c2.numpy(), conics, rtol=2e-3, atol=1e-3 * np.abs(conics).max())
+    assert np.abs(r2.numpy() - radii).max() <= 1
 
 
 def test_head_file_round_trip(tmp_path):

@@ -33,3 +33,22 @@ def test_import_without_gpu_libraries():
     code = ("import sys; sys.modules['vllm'] = None; sys.modules['gsplat'] = None; sys.modules['pynvml'] = None; "
             "import serve_app.app, deployments.llm, models.llm, models.avatar.render")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_deployment_options_come_from_the_config_files():
+    """The decorators set no options, so what configs/*.yaml say is what runs; and each profile
+    sets the options a deployment needs (resources, capacity) for every deployment."""
+    from deployments.asr import ASR
+    from deployments.llm import LLM
+    from deployments.perception import Perception
+    from deployments.replica_trainer import ReplicaTrainer
+    from deployments.tts import TTS
+    from deployments.turn_taking import TurnTaking
+    from serve_app.api import Ingress
+    from serve_app.session_host import SessionHost
+
+    for d in (ASR, LLM, Perception, ReplicaTrainer, TTS, TurnTaking, Ingress, SessionHost):
+        assert d._deployment_config.user_configured_option_names == set(), d.name
+    for name in ("cpu", "gpu"):
+        for d in yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["applications"][0]["deployments"]:
+            assert "ray_actor_options" in d and "max_ongoing_requests" in d, (name, d["name"])

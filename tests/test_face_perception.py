@@ -94,7 +94,7 @@ def test_frames_on_the_wire_and_bad_frames(analyzer, faces):
     import av
     from PIL import Image
 
-    from deployments.perception import MAX_PIXELS, decode_frame, wire_size
+    from models.perception.frames import MAX_PIXELS, decode_frame, wire_size
 
     assert wire_size(640, 480) == (294, 220) and wire_size(1280, 720) == (340, 192)
     assert wire_size(480, 640) == (220, 294) and wire_size(160, 120) == (160, 120)

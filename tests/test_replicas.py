@@ -48,7 +48,8 @@ def video_of(frames: list[np.ndarray], fps: int = 10) -> bytes:
 
 
 def test_fit_recovers_a_face_and_measures_it_on_held_back_pixels():
-    from models.avatar.fit import decode_media, fit_head
+    from models.avatar.fit import fit_head
+    from models.media import decode_media
 
     frames = decode_media(person_photo(), "image/png")
     result = fit_head(build_head(20000), frames)
@@ -63,7 +64,7 @@ def test_fit_recovers_a_face_and_measures_it_on_held_back_pixels():
 
 
 def test_media_limits():
-    from models.avatar.fit import MediaError, probe_media
+    from models.media import MediaError, probe_media
 
     with pytest.raises(MediaError, match="not a readable image"):
         probe_media(b"\x89PNG garbage", "image/png")
@@ -143,7 +144,8 @@ def test_replica_api_and_a_conversation_with_the_fitted_face(idle, presence, api
 def test_fit_from_a_video_holds_back_frames():
     from PIL import Image
 
-    from models.avatar.fit import decode_media, fit_head
+    from models.avatar.fit import fit_head
+    from models.media import decode_media
 
     photo = np.asarray(Image.open(io.BytesIO(person_photo())).convert("RGB"))
     frames = decode_media(video_of([np.roll(photo, 2 * i, axis=1) for i in range(8)]), "video/mp4")

@@ -2,112 +2,24 @@
 stock head's render, then fit the Gaussians' colours and (second) small position offsets by
 differentiable rendering, and report PSNR on held-back data.
 
-Differentiable rendering here is the CPU rasteriser's maths in torch over fixed per-pixel lists: a
-numba pass finds, front to back, the first K Gaussians that reach each pixel (as the rasteriser
-composites them); torch then evaluates their EWA falloff, alpha and transmittance with gradients to
-colours and means. The lists are rebuilt between phases, since offsets move Gaussians a little.
+Differentiable rendering is the torch reference renderer (`raster_torch`) over fixed per-pixel
+lists: the numba rasteriser records, front to back, the first K Gaussians that reach each pixel;
+torch then projects and composites them with gradients to colours and means. The lists are rebuilt
+between phases, since offsets move Gaussians a little.
 Held-back data: every 4th frame of a video; for a single photo, a checkerboard of 8x8-pixel blocks.
 """
 
 from __future__ import annotations
 
-import io
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
-from models.avatar.camera import Camera, portrait_camera
+from models.avatar.camera import portrait_camera
 from models.avatar.gaussians import Splats, covariances
 from models.avatar.head import Head
-from models.avatar.raster_cpu import ALPHA_MAX, ALPHA_MIN, T_MIN, project
+from models.avatar.raster_cpu import contributors
 from models.avatar.render import BACKGROUND, CPUAvatarRenderer, Pose
-
-IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp"}
-VIDEO_TYPES = {"video/mp4", "video/webm", "video/quicktime"}
-MAX_VIDEO_S = 60.0
-MAX_FRAMES = 12
-MIN_SIDE = 64
-
-
-class MediaError(ValueError):
-    """Uploaded media that cannot be used (the API answers 422 with this message)."""
-
-
-# --- decoding ---------------------------------------------------------------------------------------------
-def decode_media(data: bytes, content_type: str, max_frames: int = MAX_FRAMES) -> list[np.ndarray]:
-    """RGB uint8 frames: the image, or up to `max_frames` frames spread over the video."""
-    if content_type in IMAGE_TYPES:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise MediaError(f"not a readable image: {exc}") from exc
-        frames = [np.asarray(img.convert("RGB"))]
-    elif content_type in VIDEO_TYPES:
-        frames = _decode_video(data, max_frames)
-    else:
-        raise MediaError(f"unsupported type {content_type}")
-    if min(frames[0].shape[:2]) < MIN_SIDE:
-        raise MediaError(f"image too small: {frames[0].shape[1]}x{frames[0].shape[0]} (at least {MIN_SIDE} px a side)")
-    return frames
-
-
-@contextmanager
-def _open_video(data: bytes):
-    """The upload's first video stream and its duration, after the checks every caller needs;
-    FFmpeg errors inside the block (decoding included) become MediaError."""
-    import av
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError("the upload has no video stream")
-            stream = container.streams.video[0]
-            duration = (float(stream.duration * stream.time_base) if stream.duration
-                        else (container.duration or 0) / 1e6)
-            if duration > MAX_VIDEO_S:
-                raise MediaError(f"video is {duration:.0f} s long; at most {MAX_VIDEO_S:.0f} s")
-            yield container, stream, duration
-    except av.error.FFmpegError as exc:
-        raise MediaError(f"not a decodable video: {exc}") from exc
-
-
-def probe_media(data: bytes, content_type: str) -> dict:
-    """Cheap checks before a fit is queued: type, decodability, size, duration. Raises MediaError."""
-    if content_type in IMAGE_TYPES:
-        frame = decode_media(data, content_type)[0]
-        return {"kind": "image", "width": int(frame.shape[1]), "height": int(frame.shape[0])}
-    if content_type not in VIDEO_TYPES:
-        raise MediaError(f"unsupported type {content_type}")
-    with _open_video(data) as (container, stream, duration):
-        first = next(container.decode(stream), None)
-    if first is None:
-        raise MediaError("the video has no frames")
-    if min(first.width, first.height) < MIN_SIDE:
-        raise MediaError(f"video too small: {first.width}x{first.height} (at least {MIN_SIDE} px a side)")
-    return {"kind": "video", "width": first.width, "height": first.height, "duration_s": round(duration, 2)}
-
-
-def _decode_video(data: bytes, max_frames: int) -> list[np.ndarray]:
-    """Up to `max_frames` frames spread over the video. Only the chosen frames are converted to RGB,
-    so a minute of HD video never sits in memory as arrays."""
-    with _open_video(data) as (container, stream, duration):
-        total = stream.frames or int(round(duration * float(stream.average_rate or 0)))
-        wanted = (set(np.linspace(0, total - 1, min(max_frames, total)).round().astype(int).tolist())
-                  if total > 0 else None)  # unknown length: the first max_frames frames
-        frames = []
-        for i, frame in enumerate(container.decode(stream)):
-            if wanted is None and len(frames) >= max_frames:
-                break
-            if wanted is None or i in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
-    if not frames:
-        raise MediaError("the video has no frames")
-    return frames
 
 
 # --- alignment --------------------------------------------------------------------------------------------
@@ -176,53 +88,6 @@ def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
 
 
-# --- per-pixel contributor lists ----------------------------------------------------------------------------
-@njit(cache=True, nogil=True)
-def _contributors(means2d, conics, opacities, radii, order, width, height, k_max, out):
-    T = np.ones((height, width), dtype=np.float32)
-    count = np.zeros((height, width), dtype=np.int32)
-    for kk in range(order.shape[0]):
-        g = order[kk]
-        r = radii[g]
-        if r <= 0:
-            continue
-        mx = means2d[g, 0]
-        my = means2d[g, 1]
-        ca = conics[g, 0]
-        cb = conics[g, 1]
-        cc = conics[g, 2]
-        op = opacities[g]
-        x0 = max(0, int(mx - r))
-        x1 = min(width - 1, int(mx + r))
-        y0 = max(0, int(my - r))
-        y1 = min(height - 1, int(my + r))
-        for py in range(y0, y1 + 1):
-            dy = py + 0.5 - my
-            for px in range(x0, x1 + 1):
-                if count[py, px] >= k_max or T[py, px] < T_MIN:
-                    continue
-                dx = px + 0.5 - mx
-                sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                if sigma < 0.0:
-                    continue
-                alpha = min(ALPHA_MAX, op * np.exp(-sigma))
-                if alpha < ALPHA_MIN:
-                    continue
-                out[py, px, count[py, px]] = g
-                count[py, px] += 1
-                T[py, px] *= 1.0 - alpha
-    return out
-
-
-def contributor_lists(means: np.ndarray, covs: np.ndarray, opacities: np.ndarray, cam: Camera, k_max: int = 24):
-    """(H, W, K) int32 Gaussian ids per pixel, front to back (-1 = none), and the projection used."""
-    means2d, conics, radii, depths = project(means, covs, cam)
-    order = np.argsort(depths, kind="stable").astype(np.int64)
-    out = np.full((cam.height, cam.width, k_max), -1, dtype=np.int32)
-    _contributors(means2d, conics, opacities.astype(np.float32), radii, order, cam.width, cam.height, k_max, out)
-    return out, conics
-
-
 # --- the fit ----------------------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
@@ -232,30 +97,6 @@ class FitResult:
     frames_used: int
     frames_held_back: int
     align_scores: list[float] = field(default_factory=list)
-
-
-def _render_torch(torch, ids, conics, means, colors, opacities, cam: Camera):
-    """Differentiable render of the pixels' fixed contributor lists (ids: (P, K) long, -1 = none)."""
-    valid = ids >= 0
-    g = ids.clamp(min=0)
-    R = torch.from_numpy(cam.viewmat[:3, :3].astype(np.float32))
-    t = torch.from_numpy(cam.viewmat[:3, 3].astype(np.float32))
-    pc = means @ R.T + t
-    z = pc[:, 2].clamp(min=1e-6)
-    mu = torch.stack([cam.fx * pc[:, 0] / z + cam.cx, cam.fy * pc[:, 1] / z + cam.cy], dim=1)
-    h, w = cam.height, cam.width
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
-                            indexing="ij")
-    pix = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)[:, None, :]  # (P, 1, 2)
-    d = pix - mu[g]
-    con = conics[g]
-    sigma = 0.5 * (con[..., 0] * d[..., 0] ** 2 + con[..., 2] * d[..., 1] ** 2) + con[..., 1] * d[..., 0] * d[..., 1]
-    alpha = (opacities[g] * torch.exp(-sigma.clamp(min=0))).clamp(max=ALPHA_MAX) * valid
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha], dim=1), dim=1)
-    weight = alpha * trans[:, :-1]
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32)
-    rgb = (weight[..., None] * colors[g]).sum(dim=1) + trans[:, -1:] * bg
-    return rgb.reshape(h, w, 3)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -268,6 +109,8 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 96, color_steps: 
              max_offset: float = 0.003) -> FitResult:
     """Fit `head`'s colours, then small position offsets, to the face in `frames` (RGB uint8)."""
     import torch
+
+    from models.avatar import raster_torch
 
     torch.set_num_threads(1)
     cam = portrait_camera(size, size)
@@ -293,15 +136,19 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 96, color_steps: 
     tmask = [torch.from_numpy(m) for m in train_masks]
 
     covs = covariances(s.quats, s.scales).astype(np.float32)
+    covs_t = torch.from_numpy(covs)
     base = torch.from_numpy(s.means.astype(np.float32))
     opac = torch.from_numpy(s.opacities.astype(np.float32))
     logit = torch.logit(torch.from_numpy(np.clip(s.colors, 0.02, 0.98).astype(np.float32)))
     logit.requires_grad_(True)
     offset = torch.zeros_like(base, requires_grad=True)
 
-    def lists(means_np: np.ndarray):
-        ids, conics = contributor_lists(means_np, covs, s.opacities, cam)
-        return torch.from_numpy(ids.reshape(size * size, -1)).long(), torch.from_numpy(conics)
+    def lists(means_np: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(contributors(means_np, covs, s.opacities, cam).reshape(size * size, -1)).long()
+
+    def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        means2d, conics, _, _ = raster_torch.project(means, covs_t, cam)
+        return raster_torch.composite(means2d, conics, colors, opac, ids, size, size, BACKGROUND)
 
     def evaluate(colors: np.ndarray, means_np: np.ndarray) -> float:
         img = CPUAvatarRenderer(Head(Splats(means_np, s.quats, s.scales, s.opacities, colors, s.labels),
@@ -310,11 +157,11 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 96, color_steps: 
 
     before = evaluate(s.colors, s.means)
     for phase, steps, params, lr in (("colour", color_steps, [logit], 0.08), ("offset", offset_steps, [offset], 3e-4)):
-        ids, conics = lists((base + offset).detach().numpy())
+        ids = lists((base + offset).detach().numpy())
         opt = torch.optim.Adam(params, lr=lr)
         for _ in range(steps):
             opt.zero_grad()
-            img = _render_torch(torch, ids, conics, base + offset, torch.sigmoid(logit), opac, cam)
+            img = render(base + offset, torch.sigmoid(logit), ids)
             loss = sum(((img - t) ** 2)[m].mean() for t, m in zip(targets, tmask, strict=True)) / len(targets)
             if phase == "offset":
                 loss = loss + 10.0 * (offset ** 2).sum() / len(offset)  # stay near the rig's shape

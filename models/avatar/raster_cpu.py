@@ -1,5 +1,6 @@
 """CPU Gaussian-splat rasteriser: the maths of gsplat's rasterization() (EWA projection, tiles,
-depth order, front-to-back alpha compositing), projection vectorised in numpy, compositing in numba.
+depth order, front-to-back alpha compositing) in numba. `raster_torch` is the same maths in plain,
+differentiable torch: the reference the tests hold this one to, and what fitting differentiates.
 """
 
 from __future__ import annotations
@@ -14,41 +15,6 @@ ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_MIN = 1.0 / 255.0  # what is left behind a pixel this opaque cannot change its 8-bit value by more than 1
 TILE = 16
-
-
-def project_reference(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01):
-    """EWA projection of world Gaussians in numpy: 2D means, conics (a, b, c), radii (px), depths.
-
-    Equivalent to gsplat's fully-fused projection for a pinhole camera; radius is 3 sigma of the
-    larger eigenvalue. Gaussians behind `near` get radius 0. `project` is the same maths in numba.
-    """
-    R = cam.viewmat[:3, :3].astype(np.float32)
-    t = cam.viewmat[:3, 3].astype(np.float32)
-    pc = means @ R.T + t
-    x, y, z = pc[:, 0], pc[:, 1], np.maximum(pc[:, 2], 1e-6)
-    cov_c = np.einsum("ij,njk,lk->nil", R, covs, R)
-    # Clamp x/z, y/z to 30% beyond the image, as gsplat does, to keep J well-behaved near the edges.
-    tx = np.clip(x / z, -(cam.cx + 0.3 * cam.width) / cam.fx, (cam.width - cam.cx + 0.3 * cam.width) / cam.fx) * z
-    ty = np.clip(y / z, -(cam.cy + 0.3 * cam.height) / cam.fy, (cam.height - cam.cy + 0.3 * cam.height) / cam.fy) * z
-    n = means.shape[0]
-    J = np.zeros((n, 2, 3), dtype=np.float32)
-    J[:, 0, 0] = cam.fx / z
-    J[:, 0, 2] = -cam.fx * tx / (z * z)
-    J[:, 1, 1] = cam.fy / z
-    J[:, 1, 2] = -cam.fy * ty / (z * z)
-    cov2 = np.einsum("nij,njk,nlk->nil", J, cov_c, J)
-    a = cov2[:, 0, 0] + EPS2D
-    b = cov2[:, 0, 1]
-    c = cov2[:, 1, 1] + EPS2D
-    det = a * c - b * b
-    ok = (det > 0) & (pc[:, 2] > near)
-    inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
-    conics = np.stack([c * inv_det, -b * inv_det, a * inv_det], axis=1).astype(np.float32)
-    mid = 0.5 * (a + c)
-    lam = mid + np.sqrt(np.maximum(0.1, mid * mid - det))
-    radii = np.where(ok, np.ceil(3.0 * np.sqrt(lam)), 0).astype(np.int32)
-    means2d = np.stack([cam.fx * x / z + cam.cx, cam.fy * y / z + cam.cy], axis=1).astype(np.float32)
-    return means2d, conics, radii, pc[:, 2].astype(np.float32)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -72,7 +38,7 @@ def _sandwich(R, A, tmp, out):
 def _project_kernel(means, covs, pose_R, rigid, vR, vt, fx, fy, cx, cy, width, height, near,
                     means2d, conics, radii, depths):
     """Per Gaussian: optionally rotate its covariance by the head pose (rigid), then the EWA
-    projection of project_reference. One pass, no temporaries (the numpy version allocates ~10)."""
+    projection (raster_torch.project). One pass, no temporaries (the numpy version allocates ~10)."""
     lim_x0 = -(cx + 0.3 * width) / fx
     lim_x1 = (width - cx + 0.3 * width) / fx
     lim_y0 = -(cy + 0.3 * height) / fy
@@ -127,7 +93,7 @@ _NO_ROTATION = np.eye(3, dtype=np.float32)
 
 def project(means: np.ndarray, covs: np.ndarray, cam: Camera, near: float = 0.01,
             pose_R: np.ndarray | None = None, rigid: np.ndarray | None = None):
-    """EWA projection (numba): 2D means, conics, radii, depths, as project_reference. With `pose_R`
+    """EWA projection (numba): 2D means, conics, radii, depths, as raster_torch.project. With `pose_R`
     and `rigid`, covariances of the `rigid` Gaussians are first rotated by the head pose."""
     n = means.shape[0]
     means2d = np.empty((n, 2), np.float32)
@@ -153,7 +119,9 @@ def _tile_range(mx, my, r, tiles_x, tiles_y):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _composite(means2d, conics, colors, opacities, radii, order, width, height, bg, out):
+def _composite(means2d, conics, colors, opacities, radii, order, width, height, bg, out, ids):
+    # ids (H, W, K): when K > 0, each pixel's first K contributing Gaussians, front to back, are recorded.
+    k_ids = ids.shape[2]
     tiles_x = (width + TILE - 1) // TILE
     tiles_y = (height + TILE - 1) // TILE
     n_tiles = tiles_x * tiles_y
@@ -203,6 +171,7 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
         hys[g] = min(np.sqrt(2.0 * ln * conics[g, 0] / det), radii[g])
     T = np.empty((TILE, TILE), dtype=np.float32)
     acc = np.empty((TILE, TILE, 3), dtype=np.float32)
+    cnt = np.zeros((TILE, TILE), dtype=np.int32)
     for t in range(n_tiles):
         ox = (t % tiles_x) * TILE
         oy = (t // tiles_x) * TILE
@@ -210,6 +179,8 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
         h = min(TILE, height - oy)
         T[:, :] = 1.0
         acc[:, :, :] = 0.0
+        if k_ids > 0:
+            cnt[:, :] = 0
         alive = w * h
         for k in range(counts[t], counts[t + 1]):
             g = lists[k]
@@ -237,6 +208,9 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
                     alpha = min(ALPHA_MAX, op * np.exp(-sigma))
                     if alpha < ALPHA_MIN:
                         continue
+                    if k_ids > 0 and cnt[py, px] < k_ids:
+                        ids[oy + py, ox + px, cnt[py, px]] = g
+                        cnt[py, px] += 1
                     wgt = alpha * tr
                     acc[py, px, 0] += wgt * cr
                     acc[py, px, 1] += wgt * cg
@@ -264,26 +238,19 @@ def rasterize(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities
         out = np.empty((cam.height, cam.width, 3), dtype=np.float32)
     bg = np.asarray(background, dtype=np.float32)
     return _composite(means2d, conics, colors.astype(np.float32), opacities.astype(np.float32), radii, order,
-                      cam.width, cam.height, bg, out)
+                      cam.width, cam.height, bg, out, _NO_IDS)
 
 
-def rasterize_reference(means: np.ndarray, covs: np.ndarray, colors: np.ndarray, opacities: np.ndarray,
-                        cam: Camera, background=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Brute force: every pixel composites every Gaussian in depth order (tests only; slow)."""
-    means2d, conics, radii, depths = project_reference(means, covs, cam)
-    order = np.argsort(depths, kind="stable")
-    ys, xs = np.mgrid[0:cam.height, 0:cam.width].astype(np.float64) + 0.5
-    T = np.ones((cam.height, cam.width))
-    img = np.zeros((cam.height, cam.width, 3))
-    for g in order:
-        if radii[g] <= 0:
-            continue
-        dx, dy = xs - means2d[g, 0], ys - means2d[g, 1]
-        a, b, c = conics[g]
-        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-        alpha = np.minimum(ALPHA_MAX, opacities[g] * np.exp(-sigma))
-        inside = (np.abs(dx) <= radii[g]) & (np.abs(dy) <= radii[g])
-        alpha = np.where(inside & (sigma >= 0) & (alpha >= ALPHA_MIN) & (T >= T_MIN), alpha, 0.0)
-        img += (alpha * T)[..., None] * colors[g]
-        T = T * (1 - alpha)
-    return (img + T[..., None] * np.asarray(background)).astype(np.float32)
+_NO_IDS = np.zeros((0, 0, 0), np.int32)
+
+
+def contributors(means: np.ndarray, covs: np.ndarray, opacities: np.ndarray, cam: Camera, k_max: int = 24) -> np.ndarray:
+    """(H, W, k_max) int32: each pixel's first `k_max` Gaussians, front to back, as this rasteriser
+    composites them (-1 = none). Fitting differentiates through these lists (raster_torch.composite)."""
+    means2d, conics, radii, depths = project(means, covs, cam)
+    order = np.argsort(depths, kind="stable").astype(np.int32)
+    ids = np.full((cam.height, cam.width, k_max), -1, dtype=np.int32)
+    out = np.empty((cam.height, cam.width, 3), dtype=np.float32)
+    _composite(means2d, conics, np.zeros((len(means), 3), np.float32), opacities.astype(np.float32), radii, order,
+               cam.width, cam.height, np.zeros(3, np.float32), out, ids)
+    return ids

@@ -1,0 +1,46 @@
+"""What a session is asked to do: the spec the ingress sends a SessionHost (typed, validated once by
+the API's pydantic models) and the numbers the session's parts read from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.llm import GenerationParams
+from serve_app.schemas import ConversationProperties, PersonaIn
+
+PATIENCE_S = {"low": 0.6, "medium": 1.1, "high": 2.0}  # silence after which an "incomplete" turn is taken anyway
+INTERRUPT_AFTER_S = {"low": 0.9, "medium": 0.45, "high": 0.2}  # user speech needed before a barge-in check
+
+
+@dataclass
+class SessionSpec:
+    """One conversation as the ingress hands it to a SessionHost."""
+
+    conversation_id: str
+    offer_sdp: str
+    persona: PersonaIn
+    properties: ConversationProperties = field(default_factory=ConversationProperties)
+    conversational_context: str = ""
+    custom_greeting: str | None = None
+    ice_servers: list[dict] = field(default_factory=list)
+    replica_head: str | None = None  # a fitted replica's head file (None: the stock head)
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    params: GenerationParams
+    endpoint: dict | None  # a persona's own OpenAI-compatible endpoint (base_url, api_key, model), or None
+
+
+def llm_settings(persona: PersonaIn) -> LLMSettings:
+    llm = persona.layers.llm
+    endpoint = {"base_url": str(llm.base_url), "api_key": llm.api_key, "model": llm.model} if llm.base_url else None
+    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature), endpoint)
+
+
+def patience_s(persona: PersonaIn) -> float:
+    return PATIENCE_S[persona.layers.conversational_flow.turn_taking_patience]
+
+
+def interrupt_after_s(persona: PersonaIn) -> float:
+    return INTERRUPT_AFTER_S[persona.layers.conversational_flow.replica_interruptibility]

@@ -1,0 +1,182 @@
+"""The user's side of a turn: microphone frames -> 32 ms chunks -> VAD -> utterance segmentation ->
+at each pause, final ASR and the turn model in parallel -> the end-of-turn decision (made here, once)
+-> and, while the avatar talks, barge-in detection.
+
+The listener knows nothing of replies, events or the peer: it reports through `ListenerHooks`.
+
+    speech starts           -> on_user_started()
+    a pause, words known    -> on_speculate(turn)      (the reply may start, gated)
+    the user goes on        -> on_user_continued()     (drop what was speculated)
+    the turn is decided     -> on_user_stopped(turn)   (turn None: it was only noise)
+    talking over the avatar -> on_barge_in()           (unless it was a backchannel)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError
+
+from models.perception.prosody import Prosody
+from models.turn import TurnDecision, fuse, is_backchannel
+from models.vad import CHUNK, SpeechSegmenter
+from serve_app.session.tasks import Tasks
+from serve_app.session.timings import TurnTimings
+
+RATE = 16000
+MAX_INPUT_SAMPLES = RATE * 30  # an utterance longer than 30 s is cut into a turn
+PRE_ROLL_CHUNKS = 10  # 320 ms before the VAD fired: the first syllable matters to ASR
+TURN_MODEL_BYTES = 8 * RATE * 2  # smart-turn reads the last 8 s
+
+
+@dataclass
+class UserTurn:
+    """What the user said in one utterance, and how the turn was taken."""
+
+    text: str
+    timings: TurnTimings
+    voice: Prosody | None = None  # how it sounded (None when perception is off)
+    decision: TurnDecision | None = None  # None until the turn is decided
+
+
+class ListenerHooks(Protocol):
+    def replica_speaking(self) -> bool: ...
+    def on_user_started(self) -> None: ...
+    def on_user_continued(self) -> None: ...
+    def on_speculate(self, turn: UserTurn) -> None: ...
+    def on_user_stopped(self, turn: UserTurn | None) -> None: ...
+    def on_barge_in(self) -> None: ...
+
+
+class Listener:
+    """`asr` and `turn` are the ASR and TurnTaking deployment handles (or anything with the same
+    `.method.remote()` calls); `vad(chunk) -> P(speech)` takes float32 chunks of `CHUNK` samples;
+    `voice_analysis(pcm16)` runs in a thread beside ASR."""
+
+    def __init__(self, hooks: ListenerHooks, asr: Any, turn: Any, vad: Callable[[np.ndarray], float], tasks: Tasks,
+                 patience_s: float, interrupt_after_s: float,
+                 voice_analysis: Callable[[bytes], Prosody | None] | None = None) -> None:
+        self.hooks = hooks
+        self.asr = asr
+        self.turn = turn
+        self.vad = vad
+        self.tasks = tasks
+        self.patience_s = patience_s
+        self.interrupt_after_s = interrupt_after_s
+        self.voice_analysis = voice_analysis
+        self.segmenter = SpeechSegmenter()
+        self.samples_in = 0
+        self.in_utterance = False
+        self._ring: deque[np.ndarray] = deque(maxlen=PRE_ROLL_CHUNKS)
+        self._utt: list[np.ndarray] = []
+        self._last_voice_wall = 0.0
+        self._eot_task: asyncio.Task | None = None
+        self._barge_task: asyncio.Task | None = None
+
+    async def run(self, track) -> None:
+        """Consume the user's audio track until it ends."""
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        pending = np.zeros(0, np.int16)
+        try:
+            while True:
+                frame = await track.recv()
+                for out in resampler.resample(frame):
+                    pending = np.concatenate([pending, out.to_ndarray().reshape(-1)])
+                n = pending.size // CHUNK
+                for i in range(n):
+                    self.feed(pending[i * CHUNK:(i + 1) * CHUNK])
+                pending = pending[n * CHUNK:]
+        except MediaStreamError:
+            return
+
+    def feed(self, chunk: np.ndarray) -> None:
+        """One chunk of `CHUNK` int16 samples at 16 kHz."""
+        t = self.samples_in / RATE
+        self.samples_in += CHUNK
+        self._ring.append(chunk)
+        prob = self.vad(chunk.astype(np.float32) * (1 / 32768))
+        if prob >= self.segmenter.on:
+            self._last_voice_wall = time.monotonic()
+        ev = self.segmenter.update(prob, t)
+        if self.in_utterance:
+            self._utt.append(chunk)
+        if ev is not None and ev.kind == "speech_start":
+            if not self.in_utterance:
+                self.in_utterance = True
+                self._utt = list(self._ring)
+                self.hooks.on_user_started()
+            else:
+                self._cancel_pending_turn()
+            if self.hooks.replica_speaking() and self._barge_task is None:
+                self._barge_task = self.tasks.spawn(self._barge_in(t))
+        elif ev is not None and ev.kind == "pause" and self.in_utterance:
+            self._cancel_pending_turn()
+            self._eot_task = self.tasks.spawn(self._end_of_turn())
+        if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
+                and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
+            self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
+
+    def _utterance_pcm(self) -> bytes:
+        return np.concatenate(self._utt).tobytes() if self._utt else b""
+
+    def _cancel_pending_turn(self) -> None:
+        if self._eot_task is not None and not self._eot_task.done():
+            self._eot_task.cancel()
+        self._eot_task = None
+        self.hooks.on_user_continued()
+
+    async def _end_of_turn(self, force: bool = False) -> None:
+        """At a pause: final ASR and the turn model run together; with the words the reply may start
+        (gated); then the turn is decided: complete now, or taken after the persona's patience."""
+        timings = TurnTimings(speech_end=self._last_voice_wall)
+        timings.mark("vad_pause")
+        pcm = self._utterance_pcm()
+        asr_call = self.asr.transcribe.remote(pcm)
+        turn_call = self.turn.predict.remote(pcm[-TURN_MODEL_BYTES:])
+        voice = asyncio.ensure_future(asyncio.to_thread(self.voice_analysis, pcm)) if self.voice_analysis else None
+        text = ((await asr_call).text or "").strip()
+        timings.mark("asr_final")
+        if not text:
+            turn_call.cancel()
+            self._end_utterance(None)
+            return
+        turn = UserTurn(text, timings, voice=await voice if voice is not None else None)
+        self.hooks.on_speculate(turn)
+        score = await turn_call
+        turn.decision = fuse(score.audio_probability, text, score.threshold)
+        timings.mark("turn_decision")
+        if not (turn.decision.complete or force):
+            waited = time.monotonic() - timings.marks["vad_pause"]
+            await asyncio.sleep(max(0.0, self.patience_s - waited))
+            timings.marks["turn_decision"] = time.monotonic()
+        self._end_utterance(turn)
+
+    def _end_utterance(self, turn: UserTurn | None) -> None:
+        self.in_utterance = False
+        self._utt = []
+        self._eot_task = None
+        if self._barge_task is not None:
+            self._barge_task.cancel()
+            self._barge_task = None
+        self.hooks.on_user_stopped(turn)
+
+    async def _barge_in(self, start_t: float) -> None:
+        """The user talks over the avatar: after `interrupt_after_s` of speech, barge in unless the
+        words are a backchannel ("mhm", "yeah")."""
+        try:
+            while self.samples_in / RATE - start_t < self.interrupt_after_s:
+                if not self.segmenter.speaking or not self.hooks.replica_speaking():
+                    return
+                await asyncio.sleep(0.032)
+            text = (await self.asr.transcribe.remote(self._utterance_pcm())).text or ""
+            if self.hooks.replica_speaking() and not is_backchannel(text):
+                self.hooks.on_barge_in()
+        finally:
+            self._barge_task = None

@@ -1,0 +1,199 @@
+"""One live conversation, wired from its parts, with its shutdown rules.
+
+A turn, top to bottom: the transport hands the microphone track to the `Listener`, which segments
+speech and, at a pause, runs ASR and the turn model. With the words it calls `on_speculate`: the
+session starts a gated `Reply` (LLM -> clauses -> TTS). When the turn is decided, `on_user_stopped`
+records the utterance and confirms the reply, whose audio then plays on the media clock; the
+playout's first sample marks `first_audio_sent`. Talking over the avatar ends in `on_barge_in`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.avatar.animate import Animator
+from models.avatar.render import AvatarRenderer
+from serve_app.events import Event, ShutdownReason, event
+from serve_app.media import AvatarAudioTrack, AvatarVideoTrack, MediaClock, Segment, SpeechPlayout
+from serve_app.session.avatar import AvatarFace
+from serve_app.session.config import SessionSpec, interrupt_after_s, llm_settings, patience_s
+from serve_app.session.context import LLMContext
+from serve_app.session.control import Control
+from serve_app.session.listener import Listener, UserTurn
+from serve_app.session.perceiver import Perceiver
+from serve_app.session.reply import Reply, ReplyParts
+from serve_app.session.tasks import Tasks
+from serve_app.session.transport import Transport
+
+
+@dataclass
+class Handles:
+    """The shared model deployments a session calls."""
+    turn: Any
+    asr: Any
+    llm: Any
+    tts: Any
+    perception: Any = None  # None: no visual perception
+
+
+class Session:
+    def __init__(self, spec: SessionSpec, handles: Handles, renderer: AvatarRenderer,
+                 vad: Callable[[np.ndarray], float], fps: float) -> None:
+        self.spec = spec
+        self.cid = spec.conversation_id
+        persona = spec.persona
+        self.events: asyncio.Queue[dict] = asyncio.Queue()  # everything emitted, for the host's stream
+        self.tasks = Tasks(on_error=lambda exc: self.emit(Event.ERROR, message=f"{type(exc).__name__}: {exc}"))
+        self.shutdown_reason: str | None = None
+        self._closed = asyncio.Event()
+        self.turns = 0
+        self.reply: Reply | None = None
+        self._reply_seq = 0
+        # Outgoing media on one clock: speech playout and the avatar's face.
+        self.clock = MediaClock()
+        self.playout = SpeechPlayout(self.clock, on_segment_start=self._on_segment_start, on_idle=self._on_playout_idle)
+        self.animator = Animator(emotion=persona.emotion)
+        self.face = AvatarFace(renderer, self.animator)
+        self.audio_out = AvatarAudioTrack(self.clock, self.playout)
+        self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps)
+        self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context)
+        self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
+                                   self.emit, self.tasks)
+        self.listener = Listener(self, handles.asr, handles.turn, vad, self.tasks, patience_s(persona),
+                                 interrupt_after_s(persona),
+                                 voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None)
+        self.reply_parts = ReplyParts(handles.llm, handles.tts, llm_settings(persona), persona.layers.tts.speed,
+                                      self.playout, self.animator, self.context, self.emit, self.tasks,
+                                      self.perceiver.llm_description, self._reply_finished)
+        self.control = Control(self, self.context, self.emit)
+        self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
+
+    def emit(self, event_type: Event, **props: Any) -> None:
+        ev = event(self.cid, event_type, **props)
+        self.events.put_nowait(ev)
+        if event_type is not Event.PERCEPTION_SNAPSHOT:  # for the ingress only
+            self.transport.send(ev)
+
+    # --- lifetime --------------------------------------------------------------------------------
+    async def start(self) -> str:
+        """The SDP answer to the spec's offer (raises transport.BadOffer)."""
+        return await self.transport.answer(self.spec.offer_sdp, self.audio_out, self.video_out)
+
+    def _on_track(self, track) -> None:
+        self.tasks.spawn(self._listen(track) if track.kind == "audio" else self.perceiver.run(track))
+
+    async def _listen(self, track) -> None:
+        await self.listener.run(track)
+        self.transport.participant_left()  # the microphone track ended
+
+    async def run(self) -> str:
+        """Supervises the session until a shutdown rule fires; returns the reason."""
+        props = self.spec.properties
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.transport.connected.wait(), timeout=props.participant_absent_timeout)
+        except TimeoutError:
+            return await self.shutdown(ShutdownReason.PARTICIPANT_ABSENT)
+        self.emit(Event.REPLICA_JOINED)
+        if self.spec.custom_greeting:
+            self.say(self.spec.custom_greeting)
+        while not self._closed.is_set():
+            self.perceiver.update()
+            now = time.monotonic()
+            if now - started >= props.max_call_duration:
+                return await self.shutdown(ShutdownReason.MAX_CALL_DURATION)
+            left = self.transport.left_at
+            if left is not None and now - left >= props.participant_left_timeout:
+                return await self.shutdown(ShutdownReason.PARTICIPANT_LEFT)
+            try:
+                await asyncio.wait_for(self._closed.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
+        return self.shutdown_reason or ShutdownReason.ERROR
+
+    async def shutdown(self, reason: ShutdownReason) -> str:
+        """End the session cleanly: finish the transcript, tell the client why, close media."""
+        if self.shutdown_reason is None:
+            self.shutdown_reason = reason
+            self.interrupt()
+            if self.perceiver.enabled:
+                self.emit(Event.PERCEPTION_ANALYSIS, **self.perceiver.summary())
+            self.emit(Event.SHUTDOWN, shutdown_reason=reason)
+            await asyncio.sleep(0.05)  # let the data channel carry the reason before we close
+            self._closed.set()
+        await self.close()
+        return self.shutdown_reason
+
+    async def close(self) -> None:
+        self.tasks.cancel_all()
+        await self.transport.close()
+
+    # --- one turn: the listener's hooks, in the order they happen --------------------------------
+    def replica_speaking(self) -> bool:
+        return self.playout.active
+
+    def on_user_started(self) -> None:
+        self.emit(Event.USER_STARTED)
+
+    def on_speculate(self, turn: UserTurn) -> None:
+        self.perceiver.hear(turn.text, turn.voice)
+        self._start_reply(user_text=turn.text, timings=turn.timings, gated=True)
+
+    def on_user_continued(self) -> None:
+        if self.reply is not None and not self.reply.confirmed:
+            self.reply.cancel()  # a speculative reply nobody heard
+            self.reply = None
+
+    def on_user_stopped(self, turn: UserTurn | None) -> None:
+        self.emit(Event.USER_STOPPED)
+        if turn is None:
+            return
+        self.turns += 1
+        self.emit(Event.UTTERANCE, role="user", speech=turn.text, **self.perceiver.utterance_fields(turn.voice))
+        self.animator.nod(self.clock.now())
+        if self.reply is not None and self.reply.timings is turn.timings:
+            self.reply.confirm(self.turns)
+
+    def on_barge_in(self) -> None:
+        self.interrupt()  # what was heard stays in the context (Reply.finish)
+
+    # --- replies (also what client control messages ask for) -------------------------------------
+    def say(self, text: str) -> None:
+        """Speak exact text (greeting, conversation.echo), interrupting whatever is being said."""
+        self._start_reply(echo_text=text)
+
+    def respond(self, text: str) -> None:
+        """Reply to text as if the user had said it (conversation.respond)."""
+        self.turns += 1
+        self.emit(Event.UTTERANCE, role="user", speech=text)
+        self._start_reply(user_text=text, turn_index=self.turns)
+
+    def interrupt(self) -> None:
+        """Stop speaking now; the unsaid rest of the reply is dropped."""
+        if self.reply is not None:
+            self.reply.finish(interrupted=True)
+
+    def _start_reply(self, **kwargs: Any) -> Reply:
+        self.interrupt()
+        self._reply_seq += 1
+        self.reply = Reply(self._reply_seq, self.reply_parts, **kwargs).start()
+        return self.reply
+
+    def _reply_finished(self, reply: Reply) -> None:
+        if self.reply is reply:
+            self.reply = None
+
+    def _on_segment_start(self, seg: Segment) -> None:
+        reply = self.reply
+        if reply is not None and seg.reply_id == reply.id and reply.segment_started(seg):
+            self.face.mark_first_frame(reply.timings, seg.t0)
+
+    def _on_playout_idle(self, reply_id: int) -> None:
+        if self.reply is not None and self.reply.id == reply_id:
+            self.reply.playout_idle()

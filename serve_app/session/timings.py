@@ -1,0 +1,19 @@
+"""When each stage of one turn happened, relative to the end of the user's speech."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TurnTimings:
+    speech_end: float = 0.0  # monotonic time of the last voiced chunk
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        """Record `name` now, once (the first call wins)."""
+        self.marks.setdefault(name, time.monotonic())
+
+    def as_ms(self) -> dict[str, float]:
+        return {k: round((v - self.speech_end) * 1000, 1) for k, v in self.marks.items()}

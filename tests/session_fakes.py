@@ -1,0 +1,124 @@
+"""Stand-ins for the shared model deployments, for unit tests of the session's parts (plain asyncio,
+no Ray, no network). They answer through the same `.method.remote()` calls as Serve handles."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+
+import numpy as np
+
+from models.vad import CHUNK
+from models.wire import SpeechResult, TranscriptResult, TurnScore
+
+SPEECH = 0.3  # amplitude of a "voiced" test chunk
+
+
+class FakeMethod:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.calls: list[tuple] = []
+
+    def remote(self, *args, **kwargs):
+        self.calls.append(args)
+        out = self.fn(*args, **kwargs)
+        return asyncio.ensure_future(out) if inspect.isawaitable(out) else out
+
+
+class FakeHandle:
+    def __init__(self, **methods) -> None:
+        for name, fn in methods.items():
+            setattr(self, name, FakeMethod(fn))
+
+    def options(self, **_: object) -> FakeHandle:
+        return self
+
+
+class FakeStream:
+    """What `llm.options(stream=True).stream.remote()` returns: async-iterable and cancellable."""
+
+    def __init__(self, pieces: list[str], delay_s: float) -> None:
+        self.pieces = pieces
+        self.delay_s = delay_s
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for piece in self.pieces:
+            await asyncio.sleep(self.delay_s)
+            if self.cancelled:
+                return
+            yield piece
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Models:
+    """ASR, turn model, LLM and TTS fakes with settable answers; every call is recorded."""
+
+    def __init__(self, transcript: str = "What time do you open?", audio_p: float = 0.9, threshold: float = 0.5,
+                 reply: str = "We open at nine. See you then.", clause_s: float = 0.6) -> None:
+        self.transcript = transcript
+        self.audio_p = audio_p
+        self.threshold = threshold
+        self.reply = reply
+        self.clause_s = clause_s
+        self.streams: list[FakeStream] = []
+        self.prompts: list[list[dict]] = []
+        self.asr = FakeHandle(transcribe=self._transcribe)
+        self.turn = FakeHandle(predict=self._predict)
+        self.llm = FakeHandle(stream=self._stream)
+        self.tts = FakeHandle(synthesize=self._synthesize)
+
+    async def _transcribe(self, pcm16: bytes, prompt=None, partial: bool = False) -> TranscriptResult:
+        await asyncio.sleep(0.02)
+        return TranscriptResult(self.transcript, len(pcm16) / 32000)
+
+    async def _predict(self, pcm16: bytes) -> TurnScore:
+        await asyncio.sleep(0.01)
+        return TurnScore(self.audio_p, self.threshold)
+
+    def _stream(self, messages, params=None, endpoint=None) -> FakeStream:
+        self.prompts.append(json.loads(json.dumps(messages)))
+        stream = FakeStream([w + " " for w in self.reply.split()], 0.01)
+        self.streams.append(stream)
+        return stream
+
+    async def _synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
+        await asyncio.sleep(0.01)
+        rate = 16000
+        n = int(self.clause_s * rate)
+        pcm = (np.random.default_rng(0).standard_normal(n) * 3000).astype(np.int16).tobytes()
+        words = text.split()
+        step = self.clause_s / max(1, len(words))
+        timed = [(w, i * step, (i + 1) * step) for i, w in enumerate(words)]
+        return SpeechResult(text, pcm, rate, [], timed)
+
+
+def fake_vad(chunk: np.ndarray) -> float:
+    return 0.95 if np.abs(chunk).max() > SPEECH / 2 else 0.02
+
+
+def voiced() -> np.ndarray:
+    return (np.full(CHUNK, SPEECH * 32767)).astype(np.int16)
+
+
+def silent() -> np.ndarray:
+    return np.zeros(CHUNK, np.int16)
+
+
+async def speak(feed, seconds: float, real_time: bool = True) -> None:
+    """Feed `seconds` of voiced chunks (then yield to the loop), paced like a microphone."""
+    for _ in range(int(seconds * 16000 / CHUNK)):
+        feed(voiced())
+        await asyncio.sleep(CHUNK / 16000 if real_time else 0)
+
+
+async def pause(feed, seconds: float) -> None:
+    for _ in range(int(seconds * 16000 / CHUNK)):
+        feed(silent())
+        await asyncio.sleep(CHUNK / 16000)

@@ -1,0 +1,342 @@
+"""The session's turn logic, unit by unit, with fake audio and fake model handles: plain asyncio, no
+Ray, no network. The listener's decisions, a reply's life, client control and shutdown reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+
+from serve_app.events import Event, ShutdownReason
+from serve_app.schemas import DEFAULT_PERSONA, ConversationProperties, PersonaIn
+from serve_app.session import Handles, Session, SessionSpec
+from serve_app.session.listener import Listener, UserTurn
+from serve_app.session.tasks import Tasks
+from tests.session_fakes import Models, fake_vad, pause, speak
+
+
+class Hooks:
+    """Records what a listener reports."""
+
+    def __init__(self, speaking: bool = False) -> None:
+        self.calls: list[tuple[str, float]] = []
+        self.turns: list[UserTurn | None] = []
+        self.speaking = speaking
+
+    def replica_speaking(self) -> bool:
+        return self.speaking
+
+    def _log(self, name: str) -> None:
+        self.calls.append((name, time.monotonic()))
+
+    def on_user_started(self) -> None:
+        self._log("started")
+
+    def on_user_continued(self) -> None:
+        self._log("continued")
+
+    def on_speculate(self, turn: UserTurn) -> None:
+        self._log("speculate")
+
+    def on_user_stopped(self, turn: UserTurn | None) -> None:
+        self._log("stopped")
+        self.turns.append(turn)
+
+    def on_barge_in(self) -> None:
+        self._log("barge_in")
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls if n != "continued"]
+
+    def at(self, name: str) -> float:
+        return next(t for n, t in self.calls if n == name)
+
+
+def listener(models: Models, hooks: Hooks, patience_s: float = 1.1, interrupt_after_s: float = 0.45) -> Listener:
+    return Listener(hooks, models.asr, models.turn, fake_vad, Tasks(), patience_s, interrupt_after_s)
+
+
+def test_a_complete_turn_is_taken_at_once_and_reported_in_order():
+    async def run():
+        hooks, models = Hooks(), Models(transcript="What time do you open?", audio_p=0.9)
+        lst = listener(models, hooks)
+        await speak(lst.feed, 0.5)
+        await pause(lst.feed, 0.4)
+        return hooks, models
+
+    hooks, models = asyncio.run(run())
+    assert hooks.names() == ["started", "speculate", "stopped"]
+    turn = hooks.turns[0]
+    assert turn.text == "What time do you open?" and turn.decision.complete
+    assert set(turn.timings.marks) == {"vad_pause", "asr_final", "turn_decision"}
+    # The turn model hears the end of the utterance, pre-roll included, never more than 8 s.
+    assert 0 < len(models.turn.predict.calls[0][0]) <= 8 * 16000 * 2
+
+
+def test_the_configured_threshold_decides_the_turn():
+    """The TurnTaking deployment's threshold is applied once, in the listener: the same audio score
+    is a finished turn at threshold 0.5 and an unfinished one (taken after the patience) at 0.8."""
+    async def one(threshold: float) -> tuple[UserTurn, float]:
+        hooks, models = Hooks(), Models(transcript="I need a check-up", audio_p=0.7, threshold=threshold)
+        lst = listener(models, hooks, patience_s=0.8)
+        await speak(lst.feed, 0.4)
+        t0 = time.monotonic()
+        await pause(lst.feed, 1.2)
+        return hooks.turns[0], hooks.at("stopped") - t0
+
+    low, low_s = asyncio.run(one(0.5))
+    high, high_s = asyncio.run(one(0.8))
+    assert low.decision.complete and low.decision.probability == 0.7 and low_s < 0.4
+    assert not high.decision.complete and high_s >= 0.8
+
+
+def test_patience_follows_the_persona_setting():
+    """An unfinished-sounding turn ("... to the") is taken after the persona's patience."""
+    async def wait_for(patience_s: float) -> float:
+        hooks, models = Hooks(), Models(transcript="I would like to go to the", audio_p=0.9)
+        lst = listener(models, hooks, patience_s=patience_s)
+        await speak(lst.feed, 0.4)
+        t0 = time.monotonic()
+        await pause(lst.feed, patience_s + 0.6)
+        assert hooks.turns and not hooks.turns[0].decision.complete
+        return hooks.at("stopped") - t0
+
+    from serve_app.session.config import PATIENCE_S
+
+    low, high = asyncio.run(wait_for(PATIENCE_S["low"])), asyncio.run(wait_for(PATIENCE_S["high"]))
+    assert PATIENCE_S["low"] <= low < PATIENCE_S["low"] + 0.4
+    assert PATIENCE_S["high"] <= high < PATIENCE_S["high"] + 0.4
+
+
+def test_the_user_going_on_cancels_the_speculated_turn():
+    async def run():
+        hooks, models = Hooks(), Models(transcript="My appointment is on", audio_p=0.9)
+        lst = listener(models, hooks, patience_s=1.1)
+        await speak(lst.feed, 0.4)
+        await pause(lst.feed, 0.3)  # a mid-turn pause: ASR runs, the turn waits for patience
+        assert hooks.names() == ["started", "speculate"]
+        models.transcript = "My appointment is on Tuesday."
+        await speak(lst.feed, 0.4)  # ... and the user goes on
+        assert "continued" in [n for n, _ in hooks.calls]
+        assert not hooks.turns
+        await pause(lst.feed, 0.3)
+        return hooks
+
+    hooks = asyncio.run(run())
+    assert hooks.names() == ["started", "speculate", "speculate", "stopped"]
+    assert [t.text for t in hooks.turns] == ["My appointment is on Tuesday."]
+
+
+def test_noise_without_words_ends_the_utterance_without_a_turn():
+    async def run():
+        hooks, models = Hooks(), Models(transcript="")
+        lst = listener(models, hooks)
+        await speak(lst.feed, 0.3)
+        await pause(lst.feed, 0.3)
+        return hooks
+
+    hooks = asyncio.run(run())
+    assert hooks.names() == ["started", "stopped"] and hooks.turns == [None]
+
+
+def test_barge_in_versus_backchannel():
+    async def run(words: str) -> Hooks:
+        hooks, models = Hooks(speaking=True), Models(transcript=words)
+        lst = listener(models, hooks, interrupt_after_s=0.3)
+        await speak(lst.feed, 0.6)
+        await asyncio.sleep(0.1)
+        return hooks
+
+    assert "barge_in" in asyncio.run(run("Sorry, wait a second")).names()
+    assert "barge_in" not in asyncio.run(run("mhm")).names()
+    assert "barge_in" not in asyncio.run(run("yeah, okay")).names()
+
+
+# --- the session's parts together (a real Session with fake handles and no peer) -------------------
+
+class BlankRenderer:
+    def render(self, pose) -> np.ndarray:
+        return np.zeros((16, 16, 3), np.uint8)
+
+
+def make_session(models: Models, persona: PersonaIn = DEFAULT_PERSONA, **props) -> Session:
+    properties = ConversationProperties.model_construct(**{**ConversationProperties().model_dump(), **props})
+    spec = SessionSpec("c-test", "v=0", persona, properties)
+    handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts)
+    return Session(spec, handles, BlankRenderer(), fake_vad, fps=10)
+
+
+async def play_audio(session: Session) -> None:
+    """Pull the avatar's audio track at its media pace, as the peer connection would."""
+    while True:
+        await session.audio_out.recv()
+
+
+def events(session: Session) -> list[dict]:
+    out = []
+    while not session.events.empty():
+        out.append(session.events.get_nowait())
+    return out
+
+
+def of_type(evs: list[dict], kind: Event) -> list[dict]:
+    return [e for e in evs if e["event_type"] == kind]
+
+
+def test_a_spoken_turn_through_the_session():
+    async def run():
+        models = Models(reply="We open at nine. See you then.", clause_s=0.3)
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 0.5)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        await asyncio.sleep(0.1)
+        player.cancel()
+        await s.close()
+        return s, models, events(s)
+
+    s, models, evs = asyncio.run(run())
+    kinds = [e["event_type"] for e in evs]
+    order = [Event.USER_STARTED, Event.USER_STOPPED, Event.UTTERANCE, Event.REPLICA_STARTED, Event.REPLICA_STOPPED]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    assert [e["properties"]["role"] for e in of_type(evs, Event.UTTERANCE)] == ["user", "replica"]
+    timings = of_type(evs, Event.TURN_TIMINGS)[0]["properties"]
+    assert timings["turn_index"] == 1
+    assert {"vad_pause", "asr_final", "llm_first_token", "first_audio_sent"} <= set(timings["ms_from_speech_end"])
+    assert [m["role"] for m in s.context.history] == ["user", "assistant"]
+    assert s.context.history[1]["content"] == "We open at nine. See you then."
+
+
+def test_a_speculative_reply_is_dropped_when_the_user_goes_on():
+    async def run():
+        models = Models(transcript="I want to book an", reply="Sure, when would you like to come in?")
+        s = make_session(models)
+        await speak(s.listener.feed, 0.4)
+        await pause(s.listener.feed, 0.3)  # mid-turn pause: the reply is speculated, held at its gate
+        speculative = s.reply
+        assert speculative is not None and not speculative.confirmed
+        await speak(s.listener.feed, 0.3)
+        await asyncio.sleep(0.05)
+        await s.close()
+        return s, models, speculative, events(s)
+
+    s, models, speculative, evs = asyncio.run(run())
+    assert speculative.task.cancelled() and s.reply is None
+    assert models.streams and models.streams[0].cancelled  # the LLM stopped generating
+    assert s.context.history == [] and not of_type(evs, Event.REPLICA_STARTED)
+    assert not of_type(evs, Event.UTTERANCE)
+
+
+def test_an_interrupted_reply_keeps_only_what_was_heard():
+    async def run():
+        models = Models(clause_s=1.0)
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        s.respond("When are you open?")
+        await asyncio.wait_for(_until(lambda: s.reply is not None and s.reply.started), 5)
+        await asyncio.sleep(1.5)  # all of "We open at nine." and half of "See you then."
+        s.control.on_message(json.dumps({"event_type": "conversation.interrupt"}))
+        await asyncio.sleep(0.05)
+        player.cancel()
+        await s.close()
+        return s, events(s)
+
+    s, evs = asyncio.run(run())
+    said = of_type(evs, Event.UTTERANCE)[-1]["properties"]
+    assert said["role"] == "replica" and said["interrupted"]
+    assert said["speech"].startswith("We open at nine.") and said["speech"] != "We open at nine. See you then."
+    assert s.context.history[-1] == {"role": "assistant", "content": said["speech"]}
+    assert of_type(evs, Event.REPLICA_STOPPED)[-1]["properties"]["interrupted"] is True
+
+
+def test_barge_in_stops_the_reply_but_a_backchannel_does_not():
+    async def run(words: str):
+        models = Models(clause_s=2.0, transcript=words)
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        s.say("This is a long sentence that the avatar is saying. And another one after it.")
+        await asyncio.wait_for(_until(lambda: s.reply is not None and s.reply.started), 5)
+        await speak(s.listener.feed, 0.7)
+        await asyncio.sleep(0.1)
+        still = s.playout.active
+        player.cancel()
+        await s.close()
+        return still, events(s)
+
+    still, evs = asyncio.run(run("mhm"))
+    assert still and not of_type(evs, Event.REPLICA_STOPPED)
+    still, evs = asyncio.run(run("No, stop, that is wrong."))
+    assert not still and of_type(evs, Event.REPLICA_STOPPED)[0]["properties"]["interrupted"] is True
+
+
+def test_client_control_messages():
+    async def run():
+        models = Models(clause_s=0.2)
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        send = s.control.on_message
+        send(json.dumps({"event_type": "conversation.echo", "properties": {"text": "Hello there."}}))
+        await asyncio.wait_for(_until(lambda: s.reply is None), 5)
+        send(json.dumps({"event_type": "conversation.append_llm_context", "properties": {"context": "Closed Sundays."}}))
+        send(json.dumps({"event_type": "conversation.respond", "properties": {"text": "Are you open Sunday?"}}))
+        await asyncio.wait_for(_until(lambda: s.reply is None and s.turns == 1), 5)
+        send("{not json")
+        send(json.dumps({"event_type": "conversation.dance"}))
+        send(json.dumps({"event_type": "conversation.echo", "properties": ["not", "an", "object"]}))
+        player.cancel()
+        await s.close()
+        return models, events(s)
+
+    models, evs = asyncio.run(run())
+    assert models.tts.synthesize.calls[0][0] == "Hello there."
+    assert len(models.prompts) == 1  # echo never asks the LLM
+    prompt = models.prompts[0]
+    assert "Closed Sundays." in prompt[0]["content"] and prompt[-1] == {"role": "user", "content": "Are you open Sunday?"}
+    speech = [(e["properties"]["role"], e["properties"]["speech"]) for e in of_type(evs, Event.UTTERANCE)]
+    assert speech[:2] == [("replica", "Hello there."), ("user", "Are you open Sunday?")]
+    errors = [e["properties"]["message"] for e in of_type(evs, Event.ERROR)]
+    assert len(errors) == 3 and "bad client message" in errors[0] and "unknown event_type" in errors[1]
+
+
+def test_shutdown_reasons():
+    async def reason_of(setup, **props) -> tuple[str, list[dict]]:
+        s = make_session(Models(), **props)
+        setup(s)
+        reason = await asyncio.wait_for(s.run(), 5)
+        return reason, events(s)
+
+    def connected(s: Session) -> None:
+        s.transport.connected.set()
+
+    def left(s: Session) -> None:
+        s.transport.connected.set()
+        s.transport.participant_left()
+
+    reason, evs = asyncio.run(reason_of(lambda s: None, participant_absent_timeout=0.2))
+    assert reason == ShutdownReason.PARTICIPANT_ABSENT and not of_type(evs, Event.REPLICA_JOINED)
+    reason, evs = asyncio.run(reason_of(connected, max_call_duration=0.3))
+    assert reason == ShutdownReason.MAX_CALL_DURATION and of_type(evs, Event.REPLICA_JOINED)
+    reason, evs = asyncio.run(reason_of(left, participant_left_timeout=0.2))
+    assert reason == ShutdownReason.PARTICIPANT_LEFT
+    shutdown = of_type(evs, Event.SHUTDOWN)
+    assert len(shutdown) == 1 and shutdown[0]["properties"]["shutdown_reason"] == "participant_left_timeout"
+    assert of_type(evs, Event.PERCEPTION_ANALYSIS)  # perception is on by default: the end-of-call summary
+
+    async def ended_by_host() -> tuple[str, list[dict]]:
+        s = make_session(Models())
+        s.transport.connected.set()
+        runner = asyncio.ensure_future(s.run())
+        await asyncio.sleep(0.3)
+        await s.shutdown(ShutdownReason.ENDPOINT_HIT)
+        return await asyncio.wait_for(runner, 2), events(s)
+
+    reason, evs = asyncio.run(ended_by_host())
+    assert reason == ShutdownReason.ENDPOINT_HIT and len(of_type(evs, Event.SHUTDOWN)) == 1
+
+
+async def _until(cond, step: float = 0.01) -> None:
+    while not cond():
+        await asyncio.sleep(step)
