@@ -48,6 +48,7 @@ class ScriptedMic(MediaStreamTrack):
         self._sent = 0
         self._rng = np.random.default_rng(0)
         self.last_speech_sent: float = 0.0
+        self.clip_started: float = 0.0  # wall time the latest clip's first sample was sent
         self._done: asyncio.Event | None = None
 
     def play(self, pcm: np.ndarray) -> asyncio.Event:
@@ -65,6 +66,8 @@ class ScriptedMic(MediaStreamTrack):
         out = (self._rng.standard_normal(FRAME) * 20).astype(np.int16)  # room noise, not digital silence
         if self._queue:
             clip = self._queue[0]
+            if self._pos == 0:
+                self.clip_started = target
             n = min(FRAME, clip.size - self._pos)
             out[:n] = clip[self._pos:self._pos + n]
             self._pos += n
@@ -206,6 +209,22 @@ class PresenceRTCClient:
             self._new_event.clear()
             try:
                 await asyncio.wait_for(self._new_event.wait(), timeout=left)
+            except TimeoutError:
+                pass
+
+    async def wait_event_after(self, event_type: str, t: float, timeout: float = 30, **match) -> dict:
+        """The first `event_type` event received after wall time `t`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events:
+                if (ev["received_at"] > t and ev["event_type"] == event_type
+                        and all(ev["properties"].get(k) == v for k, v in match.items())):
+                    return ev
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no {event_type} {match} after t within {timeout}s")
+            self._new_event.clear()
+            try:
+                await asyncio.wait_for(self._new_event.wait(), timeout=max(0.01, deadline - time.monotonic()))
             except TimeoutError:
                 pass
 

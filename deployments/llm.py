@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
-from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM
+from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM, StreamEnd
 
 
 def make_backend(kind: str, **kw):
@@ -46,8 +46,9 @@ class LLM:
         return self._external[key]
 
     async def stream(self, messages: list[dict], params: GenerationParams | None = None,
-                     endpoint: dict | None = None) -> AsyncIterator[str]:
-        """Yields text pieces as they are generated. Cancelling the call stops generation."""
+                     endpoint: dict | None = None) -> AsyncIterator[str | StreamEnd]:
+        """Yields text pieces as they are generated, then a StreamEnd. Cancelling the call stops
+        generation."""
         t0 = time.perf_counter()
         first = True
         self.ttft.in_flight += 1

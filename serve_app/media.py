@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import av
@@ -22,6 +25,7 @@ from models.audio import resample
 AUDIO_RATE = 48000
 AUDIO_FRAME = 960  # 20 ms
 VIDEO_CLOCK = 90000
+_RAMP = np.linspace(0.0, 1.0, AUDIO_FRAME, dtype=np.float32)
 
 
 class MediaClock:
@@ -59,13 +63,36 @@ class Segment:
 
 @dataclass
 class SpeechPlayout:
-    """Queue of speech segments laid end to end on the media clock; the audio track reads it."""
+    """Queue of speech segments laid end to end on the media clock; the audio track reads it.
+
+    `pause()` fades the audio out within one 20 ms frame and holds the timeline (the user started
+    talking over the avatar); `resume()` goes on from the same sample, or `flush()` drops the rest."""
 
     clock: MediaClock
     segments: list[Segment] = field(default_factory=list)
     lead_s: float = 0.03
     on_segment_start: Callable[[Segment], None] | None = None
     on_idle: Callable[[int], None] | None = None
+    paused_at: float | None = None  # media time the audio stopped (None: playing)
+    _fade: int = 0  # -1: fade the next frame out (then hold), +1: fade it in
+
+    def pause(self) -> None:
+        if self.segments and self.paused_at is None and self._fade != -1:
+            self._fade = -1
+
+    def resume(self) -> float:
+        """Play on from where the audio stopped; returns the seconds the timeline moved."""
+        if self._fade == -1:  # paused before a frame was faded: nothing was held back
+            self._fade = 0
+            return 0.0
+        if self.paused_at is None:
+            return 0.0
+        shift = max(0.0, self.clock.now() + self.lead_s - self.paused_at)
+        for seg in self.segments:
+            seg.t0 += shift
+        self.paused_at = None
+        self._fade = 1
+        return shift
 
     def enqueue(self, pcm16: np.ndarray, sample_rate: int, text: str, words, phonemes, reply_id: int) -> Segment:
         audio = pcm16.astype(np.float32) / 32768.0
@@ -85,6 +112,9 @@ class SpeechPlayout:
         """Samples for media time [t, t + n/rate): speech where scheduled, silence elsewhere."""
         out = np.zeros(n, np.int16)
         t_end = t + n / AUDIO_RATE
+        if self.paused_at is not None:
+            return out
+        fade, self._fade = self._fade, 0
         for seg in self.segments:
             if seg.t0 >= t_end or seg.t1 <= t:
                 continue
@@ -95,6 +125,12 @@ class SpeechPlayout:
             a = int(round((t - seg.t0) * AUDIO_RATE))
             lo, hi = max(a, 0), min(a + n, seg.pcm.size)
             out[lo - a:hi - a] = seg.pcm[lo:hi]
+        if fade:
+            ramp = _RAMP if fade > 0 else _RAMP[::-1]
+            out = (out * ramp[:n]).astype(np.int16)
+            if fade < 0:
+                self.paused_at = t_end
+                return out
         finished = [s for s in self.segments if s.t1 <= t_end]
         if finished:
             self.segments = [s for s in self.segments if s.t1 > t_end]
@@ -103,12 +139,14 @@ class SpeechPlayout:
         return out
 
     def flush(self) -> tuple[float, list[Segment]]:
-        """Drop everything not yet played; returns (now, the segments that were cut or dropped)."""
-        now = self.clock.now()
+        """Drop everything not yet played; returns (the media time the audio stopped, the segments that
+        were cut or dropped)."""
+        now = self.clock.now() if self.paused_at is None else self.paused_at
         dropped = self.segments
         for seg in dropped:
             seg.cut_at = now
         self.segments = []
+        self.paused_at, self._fade = None, 0
         return now, dropped
 
 
@@ -150,6 +188,22 @@ class AvatarAudioTrack(MediaStreamTrack):
         return frame
 
 
+RENDER_NICENESS = 5  # the render thread yields the CPU to the reply's LLM, TTS and ASR (all at Ray's nice)
+
+
+def _lower_priority() -> None:
+    try:  # on Linux a thread has its own nice value
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + RENDER_NICENESS)
+    except (OSError, AttributeError):
+        pass
+
+
+# One render thread per host process, below the model replicas' priority: when the CPU is short the
+# current turn's LLM and TTS win, and the video loses frames (AvatarVideoTrack drops late ones).
+_RENDER_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-render", initializer=_lower_priority)
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     """Renders the avatar for each frame's media time. `render(t)` returns an RGB uint8 image."""
 
@@ -175,7 +229,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         # Start rendering early enough that the frame is ready at its media time.
         await self.clock.sleep_until(t - self._render_s)
         t0 = time.perf_counter()
-        rgb = await asyncio.to_thread(self.render, t)
+        rgb = await asyncio.get_running_loop().run_in_executor(_RENDER_POOL, self.render, t)
         dt = time.perf_counter() - t0
         self._render_s = 0.8 * self._render_s + 0.2 * dt
         self.render_ms.append(dt * 1000)

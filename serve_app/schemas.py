@@ -19,6 +19,7 @@ class LLMLayer(BaseModel):
     api_key: str | None = Field(None, max_length=500)
     max_tokens: int = Field(GenerationParams.max_tokens, ge=8, le=1024)
     temperature: float = Field(GenerationParams.temperature, ge=0.0, le=2.0)
+    max_sentences: int = Field(2, ge=1, le=10)  # a spoken reply stops after this many sentences
 
 
 class TTSLayer(BaseModel):

@@ -136,6 +136,23 @@ def test_reply_shaper_splits_bounds_and_stops_loops():
     assert tagged.emotion == "joy"
 
 
+def test_replies_are_short_and_end_at_a_sentence_boundary():
+    """Two sentences by default; a sentence the token budget cut off is never spoken, while a reply
+    that simply ended without punctuation is."""
+    two = ReplyShaper()
+    said = [c.text for c in two.feed("We open at nine. Dr. Chen is in today. She also works Monday. ")]
+    assert said == ["We open at nine.", "Dr. Chen is in today."] and two.done
+    cut = ReplyShaper()
+    said = [c.text for c in cut.feed("Yes, we do. You can call the front desk and ask them ")]
+    assert said == ["Yes, we do."]
+    assert cut.flush(cut=True) == [] and cut.done
+    natural = ReplyShaper()
+    natural.feed("Sure thing")
+    assert [c.text for c in natural.flush(cut=False)] == ["Sure thing"]
+    finished = ReplyShaper()  # the budget ran out right at a sentence end: nothing is lost
+    assert [c.text for c in finished.feed("See you then.")] == ["See you then."] and finished.flush(cut=True) == []
+
+
 def test_build_messages_keeps_short_history():
     history = [{"role": "user", "content": str(i)} for i in range(20)]
     msgs = build_messages("You are Anna.", "Context here.", history, max_history=4)
@@ -157,8 +174,12 @@ def test_embedded_llm_streams_a_reply():
         await llm.aclose()
         return pieces
 
+    from models.llm import StreamEnd
+
     pieces = asyncio.run(run())
-    assert len(pieces) >= 2 and "".join(pieces).strip()
+    text, end = pieces[:-1], pieces[-1]
+    assert len(text) >= 2 and "".join(text).strip() and all(isinstance(p, str) for p in text)
+    assert isinstance(end, StreamEnd) and end.finish_reason in ("length", "stop")
 
 
 def test_context_window_jumps_instead_of_sliding():

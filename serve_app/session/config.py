@@ -4,12 +4,24 @@ the API's pydantic models) and the numbers the session's parts read from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.llm import GenerationParams
 from serve_app.schemas import ConversationProperties, PersonaIn
 
 PATIENCE_S = {"low": 0.6, "medium": 1.1, "high": 2.0}  # silence after which an "incomplete" turn is taken anyway
 INTERRUPT_AFTER_S = {"low": 0.9, "medium": 0.45, "high": 0.2}  # user speech needed before a barge-in check
+
+
+@dataclass
+class Handles:
+    """The shared model deployments a session calls (Serve handles, or fakes in unit tests)."""
+
+    turn: Any
+    asr: Any
+    llm: Any
+    tts: Any
+    perception: Any = None  # None: no visual perception
 
 
 @dataclass
@@ -29,13 +41,15 @@ class SessionSpec:
 @dataclass(frozen=True)
 class LLMSettings:
     params: GenerationParams
+    max_sentences: int
     endpoint: dict | None  # a persona's own OpenAI-compatible endpoint (base_url, api_key, model), or None
 
 
 def llm_settings(persona: PersonaIn) -> LLMSettings:
     llm = persona.layers.llm
     endpoint = {"base_url": str(llm.base_url), "api_key": llm.api_key, "model": llm.model} if llm.base_url else None
-    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature), endpoint)
+    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature), llm.max_sentences,
+                       endpoint)
 
 
 def patience_s(persona: PersonaIn) -> float:

@@ -8,7 +8,9 @@ The listener knows nothing of replies, events or the peer: it reports through `L
     a pause, words known    -> on_speculate(turn)      (the reply may start, gated)
     the user goes on        -> on_user_continued()     (drop what was speculated)
     the turn is decided     -> on_user_stopped(turn)   (turn None: it was only noise)
-    talking over the avatar -> on_barge_in()           (unless it was a backchannel)
+    talking over the avatar -> on_overlap()            (at once: the avatar pauses)
+                            -> on_barge_in()           (it was speech that takes the floor)
+                            or on_overlap_end()        (a backchannel or a noise: the avatar goes on)
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class ListenerHooks(Protocol):
     def on_user_continued(self) -> None: ...
     def on_speculate(self, turn: UserTurn) -> None: ...
     def on_user_stopped(self, turn: UserTurn | None) -> None: ...
+    def on_overlap(self) -> None: ...
     def on_barge_in(self) -> None: ...
+    def on_overlap_end(self) -> None: ...
 
 
 class Listener:
@@ -79,6 +83,12 @@ class Listener:
         self._last_voice_wall = 0.0
         self._eot_task: asyncio.Task | None = None
         self._barge_task: asyncio.Task | None = None
+        self._overlap_chunks = 0  # > 0: the avatar was paused for possible speech this many chunks ago
+
+    @property
+    def deciding(self) -> bool:
+        """A pause is being judged (ASR and the turn model are running for it)."""
+        return self._eot_task is not None and not self._eot_task.done()
 
     async def run(self, track) -> None:
         """Consume the user's audio track until it ends."""
@@ -107,6 +117,7 @@ class Listener:
         ev = self.segmenter.update(prob, t)
         if self.in_utterance:
             self._utt.append(chunk)
+        self._watch_overlap(prob, ev is not None and ev.kind == "speech_start")
         if ev is not None and ev.kind == "speech_start":
             if not self.in_utterance:
                 self.in_utterance = True
@@ -115,6 +126,7 @@ class Listener:
             else:
                 self._cancel_pending_turn()
             if self.hooks.replica_speaking() and self._barge_task is None:
+                self._overlap_chunks = 0  # the barge-in check owns the pause now
                 self._barge_task = self.tasks.spawn(self._barge_in(t))
         elif ev is not None and ev.kind == "pause" and self.in_utterance:
             self._cancel_pending_turn()
@@ -122,6 +134,19 @@ class Listener:
         if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
+
+    def _watch_overlap(self, prob: float, speech_start: bool) -> None:
+        """Pause the avatar on the first voiced chunk that talks over it, one chunk before speech is
+        confirmed; let it go on if no speech follows (a click, a cough)."""
+        if self._overlap_chunks:
+            self._overlap_chunks += 1
+            if not speech_start and not self.segmenter.speaking and self._overlap_chunks > 3:
+                self._overlap_chunks = 0
+                self.hooks.on_overlap_end()
+        elif (prob >= self.segmenter.on and self._barge_task is None and not self.segmenter.speaking
+              and self.hooks.replica_speaking()):
+            self._overlap_chunks = 1
+            self.hooks.on_overlap()
 
     def _utterance_pcm(self) -> bytes:
         return np.concatenate(self._utt).tobytes() if self._utt else b""
@@ -168,8 +193,9 @@ class Listener:
         self.hooks.on_user_stopped(turn)
 
     async def _barge_in(self, start_t: float) -> None:
-        """The user talks over the avatar: after `interrupt_after_s` of speech, barge in unless the
-        words are a backchannel ("mhm", "yeah")."""
+        """The user talks over the avatar (which paused at once): after `interrupt_after_s` of speech,
+        barge in unless the words are a backchannel ("mhm", "yeah"); shorter sounds are noise."""
+        barged = False
         try:
             while self.samples_in / RATE - start_t < self.interrupt_after_s:
                 if not self.segmenter.speaking or not self.hooks.replica_speaking():
@@ -177,6 +203,9 @@ class Listener:
                 await asyncio.sleep(0.032)
             text = (await self.asr.transcribe.remote(self._utterance_pcm())).text or ""
             if self.hooks.replica_speaking() and not is_backchannel(text):
+                barged = True
                 self.hooks.on_barge_in()
         finally:
             self._barge_task = None
+            if not barged:
+                self.hooks.on_overlap_end()

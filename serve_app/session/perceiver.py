@@ -43,7 +43,7 @@ MIRROR = {"joy": ("joy", 0.55), "sadness": ("sadness", 0.45), "anger": ("sadness
 
 class Perceiver:
     def __init__(self, layer: PerceptionLayer, handle: Any, animator: Animator, clock: MediaClock,
-                 emit: Callable[..., None], tasks: Tasks) -> None:
+                 emit: Callable[..., None], tasks: Tasks, yield_cpu: Callable[[], bool] = bool) -> None:
         self.enabled = layer.perception_model != "off"
         self.in_llm = self.enabled and layer.llm_context
         self.handle = handle if self.enabled else None
@@ -54,6 +54,7 @@ class Perceiver:
         self.clock = clock
         self.emit = emit
         self.tasks = tasks
+        self.yield_cpu = yield_cpu  # True while a reply is being prepared: camera frames wait
         self.visual = VisualTrack()
         self.state: PerceptionState | None = None
         self.log = SessionPerception()
@@ -73,7 +74,7 @@ class Perceiver:
             while True:
                 frame = await track.recv()
                 now = time.monotonic()
-                if (self.handle is None or now - last < self.camera_period_s
+                if (self.handle is None or now - last < self.camera_period_s or self.yield_cpu()
                         or (self._perceive_task is not None and not self._perceive_task.done())):
                     continue
                 last = now

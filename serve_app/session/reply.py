@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from models.avatar.animate import Animator, SpeechTrack
-from models.llm import ReplyShaper
+from models.llm import ReplyShaper, StreamEnd
 from models.wire import SpeechResult
 from serve_app.events import Event
 from serve_app.media import Segment, SpeechPlayout, spoken_text
@@ -123,16 +123,20 @@ class Reply:
         self.llm_perception = self.parts.perception_text()
         messages = self.parts.context.messages(self.user_text, self.llm_perception)
         settings = self.parts.llm_settings
-        shaper = ReplyShaper()
+        shaper = ReplyShaper(max_sentences=settings.max_sentences)
         stream = self.parts.llm.options(stream=True).stream.remote(messages, settings.params, settings.endpoint)
+        cut = False
         try:
             async for piece in stream:
+                if isinstance(piece, StreamEnd):
+                    cut = piece.finish_reason == "length"
+                    break
                 self.mark("llm_first_token")
                 for clause in shaper.feed(piece):
                     await out.put(clause.text)
                 if shaper.done:
                     break
-            for clause in shaper.flush():
+            for clause in shaper.flush(cut=cut):
                 await out.put(clause.text)
             if shaper.emotion:
                 self.parts.animator.emotion = shaper.emotion

@@ -4,7 +4,8 @@ A turn, top to bottom: the transport hands the microphone track to the `Listener
 speech and, at a pause, runs ASR and the turn model. With the words it calls `on_speculate`: the
 session starts a gated `Reply` (LLM -> clauses -> TTS). When the turn is decided, `on_user_stopped`
 records the utterance and confirms the reply, whose audio then plays on the media clock; the
-playout's first sample marks `first_audio_sent`. Talking over the avatar ends in `on_barge_in`.
+playout's first sample marks `first_audio_sent`. Talking over the avatar pauses it at once
+(`on_overlap`); then it either ends (`on_barge_in`) or goes on (`on_overlap_end`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from models.avatar.render import AvatarRenderer
 from serve_app.events import Event, ShutdownReason, event
 from serve_app.media import AvatarAudioTrack, AvatarVideoTrack, MediaClock, Segment, SpeechPlayout
 from serve_app.session.avatar import AvatarFace
-from serve_app.session.config import SessionSpec, interrupt_after_s, llm_settings, patience_s
+from serve_app.session.config import Handles, SessionSpec, interrupt_after_s, llm_settings, patience_s
 from serve_app.session.context import LLMContext
 from serve_app.session.control import Control
 from serve_app.session.listener import Listener, UserTurn
@@ -30,16 +30,6 @@ from serve_app.session.perceiver import Perceiver
 from serve_app.session.reply import Reply, ReplyParts
 from serve_app.session.tasks import Tasks
 from serve_app.session.transport import Transport
-
-
-@dataclass
-class Handles:
-    """The shared model deployments a session calls."""
-    turn: Any
-    asr: Any
-    llm: Any
-    tts: Any
-    perception: Any = None  # None: no visual perception
 
 
 class Session:
@@ -59,12 +49,12 @@ class Session:
         self.clock = MediaClock()
         self.playout = SpeechPlayout(self.clock, on_segment_start=self._on_segment_start, on_idle=self._on_playout_idle)
         self.animator = Animator(emotion=persona.emotion)
-        self.face = AvatarFace(renderer, self.animator)
+        self.face = AvatarFace(renderer, self.animator, yield_cpu=self.preparing_reply)
         self.audio_out = AvatarAudioTrack(self.clock, self.playout)
         self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps)
         self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context)
         self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
-                                   self.emit, self.tasks)
+                                   self.emit, self.tasks, yield_cpu=self.preparing_reply)
         self.listener = Listener(self, handles.asr, handles.turn, vad, self.tasks, patience_s(persona),
                                  interrupt_after_s(persona),
                                  voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None)
@@ -134,6 +124,10 @@ class Session:
         self.tasks.cancel_all()
         await self.transport.close()
 
+    def preparing_reply(self) -> bool:
+        """From the user's pause until the reply's first audio, rendering and perception yield the CPU."""
+        return self.listener.deciding or (self.reply is not None and not self.reply.started)
+
     # --- one turn: the listener's hooks, in the order they happen --------------------------------
     def replica_speaking(self) -> bool:
         return self.playout.active
@@ -160,8 +154,15 @@ class Session:
         if self.reply is not None and self.reply.timings is turn.timings:
             self.reply.confirm(self.turns)
 
+    def on_overlap(self) -> None:
+        self.playout.pause()  # silent within a frame; decided after (barge-in or go on)
+        self.face.hold_speech()
+
     def on_barge_in(self) -> None:
         self.interrupt()  # what was heard stays in the context (Reply.finish)
+
+    def on_overlap_end(self) -> None:
+        self.face.release_speech(self.playout.resume(), keep=self.reply is not None)
 
     # --- replies (also what client control messages ask for) -------------------------------------
     def say(self, text: str) -> None:
@@ -179,11 +180,10 @@ class Session:
         if self.reply is not None:
             self.reply.finish(interrupted=True)
 
-    def _start_reply(self, **kwargs: Any) -> Reply:
+    def _start_reply(self, **kwargs: Any) -> None:
         self.interrupt()
         self._reply_seq += 1
         self.reply = Reply(self._reply_seq, self.reply_parts, **kwargs).start()
-        return self.reply
 
     def _reply_finished(self, reply: Reply) -> None:
         if self.reply is reply:

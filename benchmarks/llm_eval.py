@@ -1,0 +1,162 @@
+"""Grounded evaluation of the embedded LLM candidates, as the CPU profile runs them: llama.cpp through
+xllamacpp, one slot, one thread, the clinic persona's system prompt and facts, replies cut by the
+session's ReplyShaper (at most two sentences, never an unfinished one).
+
+- 43 single questions (benchmarks/clinic.py): facts a right answer must contain, questions whose
+  answer is not in the facts (it must decline, not invent), small talk. Any number or "Dr. Name" in
+  a reply that is not in the facts or the question counts as invented and fails the answer.
+- One 12-turn conversation (the realistic turn benchmark's script) with the session's history
+  window: no sentence may repeat across replies.
+- ttft_ms (request -> first token, prompt prefix cached as in a conversation) and tokens_per_s.
+
+Writes benchmarks/results/llm_eval.json.    python -m benchmarks.llm_eval [--models smollm2-135m ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.clinic import PERSONA, QUESTIONS, Question
+from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages, context_start
+
+ROOT = Path(__file__).resolve().parent.parent
+DECLINE = re.compile(r"\b(don't|do not|not sure|no|not|sorry|unfortunately|can't|cannot|unable|call (you )?back|"
+                     r"check|ask)\b", re.I)
+MAX_WORDS = 30
+
+
+def model_path(name: str) -> Path:
+    from models.assets import embedded_llm
+
+    return embedded_llm(name)
+
+
+def _numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+", text))
+
+
+def _doctors(text: str) -> set[str]:
+    return {m.lower() for m in re.findall(r"\bDr\.?\s+([A-Z][a-z]+)", text)}
+
+
+def invented(reply: str, question: str) -> list[str]:
+    """Numbers and doctors' names in `reply` that neither the facts nor the question contain."""
+    facts = PERSONA["context"] + " " + PERSONA["system_prompt"] + " " + question
+    known_names = {w.lower() for w in re.findall(r"[A-Z][a-z]+", facts)}
+    out = sorted(_numbers(reply) - _numbers(facts) - {"1", "2"})
+    out += sorted(n for n in _doctors(reply) if n not in known_names)
+    return out
+
+
+def score(q: Question, reply: str) -> dict:
+    words = len(reply.split())
+    made_up = invented(reply, q.text)
+    low = reply.lower()
+    if q.kind == "fact":
+        ok = all(any(re.search(rf"\b{re.escape(w.lower())}\b", low) for w in group) for group in q.expect)
+    elif q.kind == "decline":
+        ok = bool(DECLINE.search(reply))
+    else:
+        ok = bool(reply.strip())
+    return {"right": bool(ok and not made_up and words <= MAX_WORDS), "words": words, "invented": made_up}
+
+
+async def reply_to(llm: EmbeddedLlamaCpp, messages: list[dict], params: GenerationParams) -> dict:
+    """One reply as a session speaks it, with its first-token time and generation rate."""
+    shaper = ReplyShaper()
+    t0 = time.perf_counter()
+    first, pieces, cut = None, 0, False
+    clauses: list[str] = []
+    async for piece in llm.stream(messages, params):
+        if isinstance(piece, StreamEnd):
+            cut = piece.finish_reason == "length"
+            break
+        first = first or time.perf_counter()
+        pieces += 1
+        clauses += [c.text for c in shaper.feed(piece)]
+        if shaper.done:
+            break
+    end = time.perf_counter()
+    clauses += [c.text for c in shaper.flush(cut=cut)]
+    return {"text": " ".join(clauses), "ttft_ms": round(((first or end) - t0) * 1000, 1),
+            "tokens_per_s": round((pieces - 1) / (end - first), 1) if first and pieces > 1 and end > first else None}
+
+
+def _sentences(text: str) -> list[str]:
+    return [" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+async def evaluate(name: str, threads: int = 1) -> dict:
+    llm = EmbeddedLlamaCpp(n_parallel=1, threads=threads, model=name)
+    llm.warmup()
+    params = GenerationParams()
+    system = [{"role": "system", "content": PERSONA["system_prompt"] + "\n\n" + PERSONA["context"]}]
+    answers = []
+    for q in QUESTIONS:
+        r = await reply_to(llm, system + [{"role": "user", "content": q.text}], params)
+        answers.append({"question": q.text, "kind": q.kind, **r, **score(q, r["text"])})
+    # One conversation with the session's history window (stable prefix, context_start).
+    from benchmarks.turn_latency import SCRIPT
+
+    history: list[dict] = []
+    start = 0
+    convo = []
+    for turn in SCRIPT:
+        start = context_start(history, start)
+        messages = build_messages(PERSONA["system_prompt"], PERSONA["context"],
+                                  history[start:] + [{"role": "user", "content": turn.text}])
+        r = await reply_to(llm, messages, params)
+        convo.append({"user": turn.text, **r})
+        history += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": r["text"]}]
+    await llm.aclose()
+    seen: dict[str, int] = {}
+    for c in convo:
+        for s in set(_sentences(c["text"])):
+            seen[s] = seen.get(s, 0) + 1
+    repeats = sum(n - 1 for s, n in seen.items() if n > 1 and len(s.split()) >= 3)
+    ttft = [a["ttft_ms"] for a in answers[1:]] + [c["ttft_ms"] for c in convo]
+    tps = [a["tokens_per_s"] for a in answers + convo if a["tokens_per_s"]]
+    by_kind = {k: round(float(np.mean([a["right"] for a in answers if a["kind"] == k])), 3)
+               for k in ("fact", "decline", "small_talk")}
+    return {
+        "model": name, "gguf": model_path(name).name, "threads": threads,
+        "accuracy": round(float(np.mean([a["right"] for a in answers])), 3), "by_kind": by_kind,
+        "mean_words": round(float(np.mean([a["words"] for a in answers])), 1),
+        "invented_answers": sum(bool(a["invented"]) for a in answers),
+        "repeats": repeats, "ttft_ms": round(float(np.median(ttft)), 1),
+        "ttft_p95_ms": round(float(np.percentile(ttft, 95)), 1),
+        "conversation_ttft_ms": [c["ttft_ms"] for c in convo],
+        "tokens_per_s": round(float(np.median(tps)), 1) if tps else None,
+        "answers": answers, "conversation": convo,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_eval.json"))
+    a = ap.parse_args()
+    results = {}
+    for name in a.models:
+        results[name] = asyncio.run(evaluate(name, a.threads))
+        r = results[name]
+        print(json.dumps({k: r[k] for k in ("model", "accuracy", "by_kind", "mean_words", "invented_answers",
+                                            "repeats", "ttft_ms", "tokens_per_s")}))
+    out = Path(a.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    old.setdefault("models", {}).update(results)
+    old["questions"] = len(QUESTIONS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(old, indent=2))
+
+
+if __name__ == "__main__":
+    main()
