@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 
+from models.llm import StreamEnd
 from models.vad import CHUNK
 from models.wire import SpeechResult, TranscriptResult, TurnScore
 
@@ -38,20 +39,24 @@ class FakeHandle:
 class FakeStream:
     """What `llm.options(stream=True).stream.remote()` returns: async-iterable and cancellable."""
 
-    def __init__(self, pieces: list[str], delay_s: float) -> None:
+    def __init__(self, pieces: list[str], delay_s: float, last_delay_s: float = 0.0,
+                 finish_reason: str = "stop") -> None:
         self.pieces = pieces
         self.delay_s = delay_s
+        self.last_delay_s = last_delay_s
+        self.finish_reason = finish_reason
         self.cancelled = False
 
     def __aiter__(self):
         return self._gen()
 
     async def _gen(self):
-        for piece in self.pieces:
-            await asyncio.sleep(self.delay_s)
+        for i, piece in enumerate(self.pieces):
+            await asyncio.sleep(self.last_delay_s if i == len(self.pieces) - 1 else self.delay_s)
             if self.cancelled:
                 return
             yield piece
+        yield StreamEnd(self.finish_reason)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -61,12 +66,15 @@ class Models:
     """ASR, turn model, LLM and TTS fakes with settable answers; every call is recorded."""
 
     def __init__(self, transcript: str = "What time do you open?", audio_p: float = 0.9, threshold: float = 0.5,
-                 reply: str = "We open at nine. See you then.", clause_s: float = 0.6) -> None:
+                 reply: str = "We open at nine. See you then.", clause_s: float = 0.6, last_piece_s: float = 0.0,
+                 finish_reason: str = "stop") -> None:
         self.transcript = transcript
         self.audio_p = audio_p
         self.threshold = threshold
         self.reply = reply
         self.clause_s = clause_s
+        self.last_piece_s = last_piece_s
+        self.finish_reason = finish_reason
         self.streams: list[FakeStream] = []
         self.prompts: list[list[dict]] = []
         self.asr = FakeHandle(transcribe=self._transcribe)
@@ -84,7 +92,7 @@ class Models:
 
     def _stream(self, messages, params=None, endpoint=None) -> FakeStream:
         self.prompts.append(json.loads(json.dumps(messages)))
-        stream = FakeStream([w + " " for w in self.reply.split()], 0.01)
+        stream = FakeStream([w + " " for w in self.reply.split()], 0.01, self.last_piece_s, self.finish_reason)
         self.streams.append(stream)
         return stream
 

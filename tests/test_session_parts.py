@@ -371,6 +371,26 @@ def test_talking_over_the_avatar_pauses_it_at_once_then_barge_in_or_go_on():
     assert of_type(evs, Event.REPLICA_STOPPED)[0]["properties"]["interrupted"] is True
 
 
+def test_a_reply_ends_when_its_last_words_are_dropped_after_the_audio_played():
+    """The token budget cuts the reply after its first sentence played out: the unfinished rest is
+    not spoken, and the reply still ends (stopped_speaking, the context keeps the sentence)."""
+    async def run():
+        models = Models(reply="We open at nine. And on Saturdays we", clause_s=0.2, last_piece_s=0.8,
+                        finish_reason="length")
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        s.respond("When do you open?")
+        await asyncio.wait_for(_until(lambda: s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return s, events(s)
+
+    s, evs = asyncio.run(run())
+    assert of_type(evs, Event.REPLICA_STOPPED)[-1]["properties"]["interrupted"] is False
+    assert of_type(evs, Event.UTTERANCE)[-1]["properties"]["speech"] == "We open at nine."
+    assert s.context.history[-1] == {"role": "assistant", "content": "We open at nine."}
+
+
 def test_client_control_messages():
     async def run():
         models = Models(clause_s=0.2)

@@ -37,6 +37,9 @@ from serve_app.session.tasks import Tasks
 log = logging.getLogger("presence.session")
 
 SNAPSHOT_EVERY_S = 5.0  # the perception summary the ingress keeps for the end-of-call webhook
+# While a reply is prepared, one frame a second: inside VisualTrack's 2 s attention window, so the
+# user never seems to vanish (which would re-arm and re-fire perception tools).
+YIELD_PERIOD_S = 1.0
 # The avatar's listening face answers the user's: a smile back, concern for sadness or anger.
 MIRROR = {"joy": ("joy", 0.55), "sadness": ("sadness", 0.45), "anger": ("sadness", 0.3), "surprise": ("surprise", 0.35)}
 
@@ -54,7 +57,7 @@ class Perceiver:
         self.clock = clock
         self.emit = emit
         self.tasks = tasks
-        self.yield_cpu = yield_cpu  # True while a reply is being prepared: camera frames wait
+        self.yield_cpu = yield_cpu  # True while a reply is being prepared: fewer camera frames
         self.visual = VisualTrack()
         self.state: PerceptionState | None = None
         self.log = SessionPerception()
@@ -68,13 +71,15 @@ class Perceiver:
 
     # --- camera ----------------------------------------------------------------------------------
     async def run(self, track) -> None:
-        """Consume every camera frame (so none pile up); a few per second, downscaled, are analysed."""
+        """Consume every camera frame (so none pile up); a few per second, downscaled, are analysed
+        (one a second while a reply is prepared: the reply path comes first)."""
         last = -1e9
         try:
             while True:
                 frame = await track.recv()
                 now = time.monotonic()
-                if (self.handle is None or now - last < self.camera_period_s or self.yield_cpu()
+                period = max(self.camera_period_s, YIELD_PERIOD_S) if self.yield_cpu() else self.camera_period_s
+                if (self.handle is None or now - last < period
                         or (self._perceive_task is not None and not self._perceive_task.done())):
                     continue
                 last = now

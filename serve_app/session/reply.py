@@ -114,7 +114,9 @@ class Reply:
         self.done_generating = True
         await self.gate.wait()
         self._log_user()
-        if not self.segments:
+        if not any(seg.reply_id == self.id for seg in self.parts.playout.segments):
+            # Nothing left to play: it was all heard before generation ended (a slow last clause, or
+            # an unfinished one dropped), so no playout-idle callback is coming.
             self.finish(interrupted=False)
             return
         await self.finished.wait()
