@@ -18,22 +18,15 @@ class ASR:
     def __init__(self, model: str | None = None, device: str = "cpu", compute_type: str = "int8") -> None:
         limit_threads()
         self.gpu_metrics = start_gpu_metrics("ASR")
-        # Two CTranslate2 workers: a final transcript (which a turn waits for) never queues behind a
-        # speculative mid-speech one that is already running.
-        self.model = WhisperASR(model, device=device, compute_type=compute_type, num_workers=2)
+        self.model = WhisperASR(model, device=device, compute_type=compute_type)
         self.times = ServiceTimes()
-        self._final_lock = asyncio.Lock()
-        self._partial_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one transcription at a time: a second would only halve each one's CPU
         self.model.transcribe(warmup_audio())  # first call allocates; keep it out of the first turn
 
-    async def transcribe(self, pcm16: bytes, prompt: str | None = None, partial: bool = False) -> TranscriptResult:
-        """Transcribe a whole utterance. A `partial` (speculative, mid-speech) request is skipped when
-        any transcription is running, so it never competes with the final transcript a turn waits for."""
-        lock = self._partial_lock if partial else self._final_lock
-        if partial and (self._partial_lock.locked() or self._final_lock.locked()):
-            return TranscriptResult(None, len(pcm16) / 32000)
+    async def transcribe(self, pcm16: bytes, prompt: str | None = None) -> TranscriptResult:
+        """Transcribe a whole utterance."""
         with self.times.measure() as timing:
-            async with lock:
+            async with self._lock:
                 result = await asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt)
         return TranscriptResult(result.text, result.audio_s, timing["ms"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 SMART_TURN_SHA256 = "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"
@@ -34,6 +35,17 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def place_verified(part: Path, target: Path, sha256: str) -> bool:
+    """Rename a downloaded `part` to `target` if its sha256 is `sha256`; otherwise delete it and say so."""
+    digest = sha256_of(part)
+    if digest != sha256:
+        part.unlink()
+        print(f"sha256 mismatch for {target.name}: {digest}", file=sys.stderr)
+        return False
+    part.rename(target)
+    return True
 
 
 def silero_vad_onnx() -> Path:

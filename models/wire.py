@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TranscriptResult:
-    """ASR of one utterance. `text` is None when a speculative (partial) request was skipped."""
+    """ASR of one utterance."""
 
-    text: str | None
+    text: str
     audio_s: float
     ms: float = 0.0
 

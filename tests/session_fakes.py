@@ -82,7 +82,7 @@ class Models:
         self.llm = FakeHandle(stream=self._stream)
         self.tts = FakeHandle(synthesize=self._synthesize)
 
-    async def _transcribe(self, pcm16: bytes, prompt=None, partial: bool = False) -> TranscriptResult:
+    async def _transcribe(self, pcm16: bytes, prompt=None) -> TranscriptResult:
         await asyncio.sleep(0.02)
         return TranscriptResult(self.transcript, len(pcm16) / 32000)
 

@@ -24,7 +24,6 @@ class AvatarFace:
         self.renderer = renderer
         self.animator = animator
         self.yield_cpu = yield_cpu
-        self.frames_reused = 0
         self._last_pose: Pose | None = None
         self._last_frame: np.ndarray | None = None
         self._last_t = -1e9
@@ -57,7 +56,6 @@ class AvatarFace:
                 or (np.abs(pose.weights - last.weights).max() < STILL_WEIGHT
                     and abs(pose.yaw - last.yaw) < STILL_ANGLE and abs(pose.pitch - last.pitch) < STILL_ANGLE)):
             frame = self._last_frame
-            self.frames_reused += 1
         else:
             frame = self.renderer.render(pose).copy()
             self._last_pose, self._last_frame, self._last_t = pose, frame, t

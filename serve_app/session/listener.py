@@ -117,7 +117,7 @@ class Listener:
         ev = self.segmenter.update(prob, t)
         if self.in_utterance:
             self._utt.append(chunk)
-        self._watch_overlap(prob, ev is not None and ev.kind == "speech_start")
+        self._watch_overlap(prob)
         if ev is not None and ev.kind == "speech_start":
             if not self.in_utterance:
                 self.in_utterance = True
@@ -135,12 +135,12 @@ class Listener:
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
 
-    def _watch_overlap(self, prob: float, speech_start: bool) -> None:
+    def _watch_overlap(self, prob: float) -> None:
         """Pause the avatar on the first voiced chunk that talks over it, one chunk before speech is
         confirmed; let it go on if no speech follows (a click, a cough)."""
         if self._overlap_chunks:
             self._overlap_chunks += 1
-            if not speech_start and not self.segmenter.speaking and self._overlap_chunks > 3:
+            if not self.segmenter.speaking and self._overlap_chunks > 3:
                 self._overlap_chunks = 0
                 self.hooks.on_overlap_end()
         elif (prob >= self.segmenter.on and self._barge_task is None and not self.segmenter.speaking
@@ -166,7 +166,7 @@ class Listener:
         asr_call = self.asr.transcribe.remote(pcm)
         turn_call = self.turn.predict.remote(pcm[-TURN_MODEL_BYTES:])
         voice = asyncio.ensure_future(asyncio.to_thread(self.voice_analysis, pcm)) if self.voice_analysis else None
-        text = ((await asr_call).text or "").strip()
+        text = (await asr_call).text.strip()
         timings.mark("asr_final")
         if not text:
             turn_call.cancel()
@@ -201,7 +201,7 @@ class Listener:
                 if not self.segmenter.speaking or not self.hooks.replica_speaking():
                     return
                 await asyncio.sleep(0.032)
-            text = (await self.asr.transcribe.remote(self._utterance_pcm())).text or ""
+            text = (await self.asr.transcribe.remote(self._utterance_pcm())).text
             if self.hooks.replica_speaking() and not is_backchannel(text):
                 barged = True
                 self.hooks.on_barge_in()

@@ -160,7 +160,7 @@ class Reply:
                                               duration=seg.pcm.size / 48000))
 
     # --- playout ---------------------------------------------------------------------------------
-    def segment_started(self, seg: Segment) -> bool:
+    def segment_started(self) -> bool:
         """The playout reached one of this reply's segments; True for the reply's first audio."""
         if self.started:
             return False

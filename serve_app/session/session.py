@@ -191,7 +191,7 @@ class Session:
 
     def _on_segment_start(self, seg: Segment) -> None:
         reply = self.reply
-        if reply is not None and seg.reply_id == reply.id and reply.segment_started(seg):
+        if reply is not None and seg.reply_id == reply.id and reply.segment_started():
             self.face.mark_first_frame(reply.timings, seg.t0)
 
     def _on_playout_idle(self, reply_id: int) -> None:
