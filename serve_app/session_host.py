@@ -24,6 +24,7 @@ from models.vad import SileroVAD
 from serve_app.events import Event, ShutdownReason
 from serve_app.ice import apply_policy
 from serve_app.session import BadOffer, Handles, Session, SessionSpec
+from serve_app.stage_health import ServeStageHealth
 
 log = logging.getLogger("presence.host")
 
@@ -35,7 +36,9 @@ class SessionHost:
         self.gpu_metrics = start_gpu_metrics("SessionHost")
         apply_policy()
         video = video or {}
-        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts, perception=perception)
+        self.stage_health = ServeStageHealth()
+        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts, perception=perception,
+                               health=self.stage_health.health())
         self.width = int(video.get("width", 256))
         self.height = int(video.get("height", 256))
         self.fps = float(video.get("fps", 15))
@@ -90,6 +93,8 @@ class SessionHost:
         session.video_out.on_render = self.frame_times.add
         yield {"type": "answer", "sdp": answer, "replica": self.replica_id}
         runner = asyncio.ensure_future(session.run())
+        h = self.handles
+        learning = asyncio.ensure_future(self.stage_health.learn([h.asr, h.turn, h.llm, h.tts]))  # while they are up
         try:
             while True:
                 ev = await session.events.get()
@@ -107,6 +112,7 @@ class SessionHost:
             await asyncio.shield(session.shutdown(ShutdownReason.ENDPOINT_HIT))
             raise
         finally:
+            learning.cancel()
             self.sessions.pop(session.cid, None)
             await session.close()
 

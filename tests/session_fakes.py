@@ -6,14 +6,45 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 
 import numpy as np
 
 from models.llm import StreamEnd
 from models.vad import CHUNK
 from models.wire import SpeechResult, TranscriptResult, TurnScore
+from serve_app.session.recovery import StageHealth
 
 SPEECH = 0.3  # amplitude of a "voiced" test chunk
+
+
+class Died(Exception):
+    """A call whose replica was killed (Ray's ActorDiedError, in unit tests)."""
+
+
+class Outage:
+    """A stage killed at its next call: that call fails; calls made while it restarts wait for the new
+    replica, as Serve's router does."""
+
+    def __init__(self, restart_s: float = 2.0) -> None:
+        self.restart_s = restart_s
+        self.armed = False
+        self.until = 0.0
+
+    def kill(self) -> None:
+        self.armed = True
+
+    def down(self) -> bool:
+        return time.monotonic() < self.until
+
+    async def enter(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.until = time.monotonic() + self.restart_s
+            await asyncio.sleep(0.05)
+            raise Died("the replica died")
+        while self.down():
+            await asyncio.sleep(0.02)
 
 
 class FakeMethod:
@@ -40,7 +71,8 @@ class FakeStream:
     """What `llm.options(stream=True).stream.remote()` returns: async-iterable and cancellable."""
 
     def __init__(self, pieces: list[str], delay_s: float, last_delay_s: float = 0.0,
-                 finish_reason: str = "stop") -> None:
+                 finish_reason: str = "stop", outage: Outage | None = None) -> None:
+        self.outage = outage or Outage()
         self.pieces = pieces
         self.delay_s = delay_s
         self.last_delay_s = last_delay_s
@@ -51,6 +83,7 @@ class FakeStream:
         return self._gen()
 
     async def _gen(self):
+        await self.outage.enter()
         for i, piece in enumerate(self.pieces):
             await asyncio.sleep(self.last_delay_s if i == len(self.pieces) - 1 else self.delay_s)
             if self.cancelled:
@@ -81,8 +114,15 @@ class Models:
         self.turn = FakeHandle(predict=self._predict)
         self.llm = FakeHandle(stream=self._stream)
         self.tts = FakeHandle(synthesize=self._synthesize)
+        self.outages = {"asr": Outage(), "llm": Outage(), "tts": Outage()}
+        self.health = StageHealth(lost=(Died,), is_down=self._is_down)
+
+    async def _is_down(self, handle) -> bool:
+        names = {id(self.asr): "asr", id(self.llm): "llm", id(self.tts): "tts"}
+        return id(handle) in names and self.outages[names[id(handle)]].down()
 
     async def _transcribe(self, pcm16: bytes, prompt=None) -> TranscriptResult:
+        await self.outages["asr"].enter()
         await asyncio.sleep(0.02)
         return TranscriptResult(self.transcript, len(pcm16) / 32000)
 
@@ -92,11 +132,13 @@ class Models:
 
     def _stream(self, messages, params=None, endpoint=None) -> FakeStream:
         self.prompts.append(json.loads(json.dumps(messages)))
-        stream = FakeStream([w + " " for w in self.reply.split()], 0.01, self.last_piece_s, self.finish_reason)
+        stream = FakeStream([w + " " for w in self.reply.split()], 0.01, self.last_piece_s, self.finish_reason,
+                            self.outages["llm"])
         self.streams.append(stream)
         return stream
 
     async def _synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
+        await self.outages["tts"].enter()
         await asyncio.sleep(0.01)
         rate = 16000
         n = int(self.clause_s * rate)

@@ -130,3 +130,76 @@ def test_echo_interrupt_and_client_leaving(idle, presence, api_key):
     assert "bad client message" in err["properties"]["message"]
     assert got["status"] == "ended" and got["shutdown_reason"] == "participant_left_timeout"
     assert got["transcript"] and got["transcript"][0]["role"] == "replica"
+
+
+def _kill_replica(deployment: str) -> int:
+    """kill -9 the deployment's replica process (found by the title Ray gives it); returns its pid."""
+    import os
+    import signal
+    from pathlib import Path
+
+    title = re.compile(rf"^ray::ServeReplica:presence:{deployment}(\.|\s|$)")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.match(cmdline):
+            pids.append(int(proc.name))
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def _wait_running(deployment: str, timeout_s: float = 120) -> None:
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = serve.status().applications["presence"].deployments[deployment].replica_states
+        if states.get("RUNNING", 0) >= 1 and sum(states.values()) == states.get("RUNNING", 0):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{deployment} did not come back")
+
+
+@pytest.mark.parametrize("stage", ["TTS", "LLM"])
+def test_a_model_replica_killed_mid_turn(idle, presence, api_key, question, stage):
+    """kill -9 of the stage's replica as the user stops talking: the avatar says a holding phrase soon
+    after the turn is decided, then the real reply from the restarted replica; the turn is kept."""
+    async def run():
+        client = PresenceRTCClient(presence, api_key)
+        conv = await client.create(conversation_name=f"kill-{stage}")
+        await client.connect()
+        await one_turn(client, question)  # a normal turn first
+        await asyncio.sleep(0.5)
+        since = len(client.events)
+        speech_end = await client.say(question)
+        _kill_replica(stage)
+        user = await client.wait_event("conversation.utterance", timeout=60, since=since, role="user")
+        replica = await client.wait_event("conversation.utterance", timeout=90, since=since, role="replica")
+        timings = await client.wait_event("conversation.turn_timings", timeout=10, since=since)
+        first_audio = client.first_audio_after(speech_end)
+        await client.end()
+        await client.close()
+        async with httpx.AsyncClient(base_url=presence, headers={"x-api-key": api_key}) as http:
+            got = (await http.get(f"/v2/conversations/{conv['conversation_id']}")).json()
+        return user, replica, timings, first_audio, speech_end, got
+
+    try:
+        user, replica, timings, first_audio, speech_end, got = asyncio.run(run())
+    finally:
+        _wait_running(stage)
+    heard_s = first_audio - user["received_at"]
+    reply_s = timings["properties"]["ms_from_speech_end"]["first_audio_sent"] / 1000
+    print(f"{stage} killed: audio {heard_s:.2f} s after the turn was decided; the reply's own audio "
+          f"{reply_s:.2f} s after speech end (the holding phrase at {first_audio - speech_end:.2f} s)")
+    assert heard_s < 2.5  # the holding phrase (2 s, with slack for this loaded 2-core box)
+    assert first_audio - speech_end < reply_s - 0.3  # ... which is not the reply
+    assert "france" in user["properties"]["speech"].lower() and replica["properties"]["speech"].strip()
+    assert "moment" not in replica["properties"]["speech"].lower()
+    contents = [t["content"] for t in got["transcript"]]
+    assert len(contents) == 4 and "One moment" not in " ".join(contents)

@@ -8,6 +8,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from serve_app.events import Event, ShutdownReason
 from serve_app.schemas import DEFAULT_PERSONA, ConversationProperties, PersonaIn
@@ -52,6 +53,9 @@ class Hooks:
 
     def on_overlap_end(self) -> None:
         self._log("overlap_end")
+
+    def on_stage_outage(self) -> None:
+        self._log("outage")
 
     def names(self) -> list[str]:
         return [n for n, _ in self.calls if n != "continued"]
@@ -238,7 +242,7 @@ class BlankRenderer:
 def make_session(models: Models, persona: PersonaIn = DEFAULT_PERSONA, **props) -> Session:
     properties = ConversationProperties.model_construct(**{**ConversationProperties().model_dump(), **props})
     spec = SessionSpec("c-test", "v=0", persona, properties)
-    handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts)
+    handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts, health=models.health)
     return Session(spec, handles, BlankRenderer(), fake_vad, fps=10)
 
 
@@ -454,6 +458,40 @@ def test_shutdown_reasons():
 
     reason, evs = asyncio.run(ended_by_host())
     assert reason == ShutdownReason.ENDPOINT_HIT and len(of_type(evs, Event.SHUTDOWN)) == 1
+
+
+@pytest.mark.parametrize("stage", ["tts", "llm", "asr"])
+def test_a_model_stage_killed_mid_turn_says_a_holding_phrase_and_the_turn_goes_on(stage):
+    """The stage's replica dies at the turn's first call and takes 3 s to come back: the avatar says
+    the holding phrase within 2 s of the user's pause, then the real reply; only the reply is recorded."""
+    async def run():
+        models = Models(reply="We open at nine. See you then.", clause_s=0.3)
+        models.outages[stage].restart_s = 3.0
+        s = make_session(models)
+        await s.holding.prepare()
+        heard: list[tuple[float, float]] = []
+        player = asyncio.ensure_future(play_audio(s, heard))
+        models.outages[stage].kill()
+        await speak(s.listener.feed, 0.5)
+        paused_at = time.monotonic()
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 10)
+        await asyncio.sleep(0.1)
+        player.cancel()
+        await s.close()
+        return s, events(s), heard, paused_at
+
+    s, evs, heard, paused_at = asyncio.run(run())
+    audible = [t - paused_at for t, rms in heard if rms > 0.01 and t > paused_at]
+    assert audible and audible[0] < 2.0, audible[:3]  # the holding phrase
+    assert s.context.history[1] == {"role": "assistant", "content": "We open at nine. See you then."}
+    said = [e["properties"]["speech"] for e in of_type(evs, Event.UTTERANCE)]
+    assert said == ["What time do you open?", "We open at nine. See you then."]
+    assert not any("moment" in m["content"] for m in s.context.history)
+    if stage != "asr":  # the reply's own first audio came after the restart, and its timings say so
+        timings = of_type(evs, Event.TURN_TIMINGS)[0]["properties"]["ms_from_speech_end"]
+        assert timings["first_audio_sent"] > 2500
+    assert not of_type(evs, Event.ERROR)
 
 
 async def _until(cond, step: float = 0.01) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from models.llm import GenerationParams
 from serve_app.schemas import ConversationProperties, PersonaIn
+from serve_app.session.recovery import StageHealth
 
 PATIENCE_S = {"low": 0.6, "medium": 1.1, "high": 2.0}  # silence after which an "incomplete" turn is taken anyway
 INTERRUPT_AFTER_S = {"low": 0.9, "medium": 0.45, "high": 0.2}  # user speech needed before a barge-in check
@@ -22,6 +23,7 @@ class Handles:
     llm: Any
     tts: Any
     perception: Any = None  # None: no visual perception
+    health: StageHealth = field(default_factory=StageHealth)  # how a dead replica is told from a slow one
 
 
 @dataclass

@@ -11,6 +11,10 @@ The listener knows nothing of replies, events or the peer: it reports through `L
     talking over the avatar -> on_overlap()            (at once: the avatar pauses)
                             -> on_barge_in()           (it was speech that takes the floor)
                             or on_overlap_end()        (a backchannel or a noise: the avatar goes on)
+    ASR or the turn model is down -> on_stage_outage() (the avatar may say a holding phrase)
+
+A dead ASR replica is retried (the turn waits for the restarted one); a dead or slow turn model is
+skipped: the turn is decided on the words alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from aiortc.mediastreams import MediaStreamError
 from models.perception.prosody import Prosody
 from models.turn import TurnDecision, fuse, is_backchannel
 from models.vad import CHUNK, SpeechSegmenter
+from serve_app.session.recovery import StageGuard, StageHealth
 from serve_app.session.tasks import Tasks
 from serve_app.session.timings import TurnTimings
 
@@ -36,6 +41,7 @@ RATE = 16000
 MAX_INPUT_SAMPLES = RATE * 30  # an utterance longer than 30 s is cut into a turn
 PRE_ROLL_CHUNKS = 10  # 320 ms before the VAD fired: the first syllable matters to ASR
 TURN_MODEL_BYTES = 8 * RATE * 2  # smart-turn reads the last 8 s
+TURN_MODEL_WAIT_S = 2.0  # past this after the words are known, the turn is decided on the words alone
 
 
 @dataclass
@@ -57,6 +63,7 @@ class ListenerHooks(Protocol):
     def on_overlap(self) -> None: ...
     def on_barge_in(self) -> None: ...
     def on_overlap_end(self) -> None: ...
+    def on_stage_outage(self) -> None: ...
 
 
 class Listener:
@@ -65,7 +72,7 @@ class Listener:
     `voice_analysis(pcm16)` runs in a thread beside ASR."""
 
     def __init__(self, hooks: ListenerHooks, asr: Any, turn: Any, vad: Callable[[np.ndarray], float], tasks: Tasks,
-                 patience_s: float, interrupt_after_s: float,
+                 patience_s: float, interrupt_after_s: float, health: StageHealth | None = None,
                  voice_analysis: Callable[[bytes], Prosody | None] | None = None) -> None:
         self.hooks = hooks
         self.asr = asr
@@ -75,6 +82,8 @@ class Listener:
         self.patience_s = patience_s
         self.interrupt_after_s = interrupt_after_s
         self.voice_analysis = voice_analysis
+        self.health = health or StageHealth()
+        self.guard = StageGuard(self.health, hooks.on_stage_outage)
         self.segmenter = SpeechSegmenter()
         self.samples_in = 0
         self.in_utterance = False
@@ -163,10 +172,13 @@ class Listener:
         timings = TurnTimings(speech_end=self._last_voice_wall)
         timings.mark("vad_pause")
         pcm = self._utterance_pcm()
-        asr_call = self.asr.transcribe.remote(pcm)
-        turn_call = self.turn.predict.remote(pcm[-TURN_MODEL_BYTES:])
+        turn_call = asyncio.ensure_future(self._turn_score(pcm[-TURN_MODEL_BYTES:]))
         voice = asyncio.ensure_future(asyncio.to_thread(self.voice_analysis, pcm)) if self.voice_analysis else None
-        text = (await asr_call).text.strip()
+        try:
+            text = (await self.guard.call(self.asr, lambda: self.asr.transcribe.remote(pcm))).text.strip()
+        except BaseException:
+            turn_call.cancel()
+            raise
         timings.mark("asr_final")
         if not text:
             turn_call.cancel()
@@ -174,14 +186,28 @@ class Listener:
             return
         turn = UserTurn(text, timings, voice=await voice if voice is not None else None)
         self.hooks.on_speculate(turn)
-        score = await turn_call
-        turn.decision = fuse(score.audio_probability, text, score.threshold)
+        try:
+            audio_probability, threshold = await asyncio.wait_for(turn_call, TURN_MODEL_WAIT_S)
+        except TimeoutError:
+            audio_probability, threshold = None, 0.5
+        if audio_probability is None:  # no audio evidence: complete unless the words say otherwise
+            audio_probability = threshold
+        turn.decision = fuse(audio_probability, text, threshold)
         timings.mark("turn_decision")
         if not (turn.decision.complete or force):
             waited = time.monotonic() - timings.marks["vad_pause"]
             await asyncio.sleep(max(0.0, self.patience_s - waited))
             timings.marks["turn_decision"] = time.monotonic()
         self._end_utterance(turn)
+
+    async def _turn_score(self, pcm: bytes) -> tuple[float | None, float]:
+        """The turn model's P(complete) and threshold; None when its replica died (words decide)."""
+        try:
+            score = await self.turn.predict.remote(pcm)
+        except self.health.lost:
+            self.hooks.on_stage_outage()
+            return None, 0.5
+        return score.audio_probability, score.threshold
 
     def _end_utterance(self, turn: UserTurn | None) -> None:
         self.in_utterance = False
@@ -201,8 +227,11 @@ class Listener:
                 if not self.segmenter.speaking or not self.hooks.replica_speaking():
                     return
                 await asyncio.sleep(0.032)
-            text = (await self.asr.transcribe.remote(self._utterance_pcm())).text
-            if self.hooks.replica_speaking() and not is_backchannel(text):
+            try:
+                takes_floor = not is_backchannel((await self.asr.transcribe.remote(self._utterance_pcm())).text)
+            except self.health.lost:
+                takes_floor = True  # ASR died: the user spoke over the avatar long enough to take the floor
+            if self.hooks.replica_speaking() and takes_floor:
                 barged = True
                 self.hooks.on_barge_in()
         finally:

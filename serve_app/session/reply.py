@@ -8,6 +8,9 @@
 A speculative reply starts before the turn is decided and is held at the gate. When a reply ends,
 the LLM context and the transcript keep exactly what the user heard: whole clauses that played,
 and of a cut clause the words whose audio had finished.
+
+If the LLM or TTS replica dies mid-reply (`StageGuard`), the avatar says a holding phrase once the turn is
+decided (unless the reply's audio is still playing) and the call is made again on the restarted replica.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ from serve_app.events import Event
 from serve_app.media import Segment, SpeechPlayout, spoken_text
 from serve_app.session.config import LLMSettings
 from serve_app.session.context import LLMContext
+from serve_app.session.recovery import RESTARTED, StageGuard, StageHealth
 from serve_app.session.tasks import Tasks
 from serve_app.session.timings import TurnTimings
+
+
+def play_speech(playout: SpeechPlayout, animator: Animator, speech: SpeechResult, reply_id: int) -> Segment:
+    """Queue synthesised speech on the playout and the matching mouth shapes on the face."""
+    pcm = np.frombuffer(speech.pcm16, dtype=np.int16)
+    seg = playout.enqueue(pcm, speech.sample_rate, speech.text, speech.words, speech.phonemes, reply_id)
+    animator.speak(SpeechTrack(seg.t0, [(p, float(a), float(b)) for p, a, b in speech.phonemes],
+                               duration=seg.pcm.size / 48000))
+    return seg
 
 
 @dataclass
@@ -45,6 +58,8 @@ class ReplyParts:
     tasks: Tasks
     perception_text: Callable[[], str | None]  # what the LLM is told about the user now, if anything
     on_finished: Callable[[Reply], None]
+    health: StageHealth  # tells a dead stage from a slow one
+    holding: Callable[[], SpeechResult | None]  # the holding phrase's audio, if synthesised yet
 
 
 class Reply:
@@ -60,12 +75,16 @@ class Reply:
         if not gated:
             self.gate.set()
         self.segments: list[Segment] = []
-        self.started = False  # its first audio has played
+        self.started = False  # its first audio (maybe a holding phrase) has played
+        self.first_audio = False  # its first reply audio has played
         self.done_generating = False
         self.finished = asyncio.Event()
         self.llm_perception: str | None = None
         self.task: asyncio.Task | None = None
         self._user_logged = False
+        self.guard = StageGuard(parts.health, self._on_outage)
+        self._holding: list[Segment] = []
+        self._holding_task: asyncio.Task | None = None
 
     def start(self) -> Reply:
         self.task = self.parts.tasks.spawn(self._run())
@@ -74,6 +93,14 @@ class Reply:
     def confirm(self, turn_index: int) -> None:
         self.turn_index = turn_index
         self.gate.set()
+        self.parts.tasks.spawn(self._check_stages())
+
+    async def _check_stages(self) -> None:
+        """As the turn is taken: a stage that is down now (killed while the user spoke) is said at once,
+        not when the reply first waits on it."""
+        down = await asyncio.gather(*(self.parts.health.is_down(h) for h in (self.parts.llm, self.parts.tts)))
+        if any(down) and not self.finished.is_set():
+            self._on_outage()
 
     @property
     def confirmed(self) -> bool:
@@ -81,8 +108,9 @@ class Reply:
 
     def cancel(self) -> None:
         """Drop a speculative reply: nothing of it was heard, nothing is recorded."""
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, self._holding_task):
+            if task is not None:
+                task.cancel()
 
     def mark(self, stage: str) -> None:
         if self.timings is not None:
@@ -99,10 +127,12 @@ class Reply:
             clauses.put_nowait(None)
         else:
             producer = self.parts.tasks.spawn(self._clauses_from_llm(clauses))
+        tts = self.parts.tts
         try:
             while (text := await clauses.get()) is not None:
                 self.mark("first_clause")
-                speech: SpeechResult = await self.parts.tts.synthesize.remote(text, self.parts.tts_speed)
+                speech: SpeechResult = await self.guard.call(
+                    tts, lambda t=text: tts.synthesize.remote(t, self.parts.tts_speed))
                 self.mark("tts_first_audio")
                 await self.gate.wait()
                 self._log_user()
@@ -126,15 +156,24 @@ class Reply:
         messages = self.parts.context.messages(self.user_text, self.llm_perception)
         settings = self.parts.llm_settings
         shaper = ReplyShaper(max_sentences=settings.max_sentences)
-        stream = self.parts.llm.options(stream=True).stream.remote(messages, settings.params, settings.endpoint)
+        llm = self.parts.llm
+        stream = self.guard.stream(llm, lambda: llm.options(stream=True).stream.remote(messages, settings.params,
+                                                                                        settings.endpoint))
+        said = False
         cut = False
         try:
             async for piece in stream:
+                if piece is RESTARTED:  # the LLM replica died: start over, unless some of it was said
+                    if said:
+                        break
+                    shaper = ReplyShaper(max_sentences=settings.max_sentences)
+                    continue
                 if isinstance(piece, StreamEnd):
                     cut = piece.finish_reason == "length"
                     break
                 self.mark("llm_first_token")
                 for clause in shaper.feed(piece):
+                    said = True
                     await out.put(clause.text)
                 if shaper.done:
                     break
@@ -143,7 +182,7 @@ class Reply:
             if shaper.emotion:
                 self.parts.animator.emotion = shaper.emotion
         finally:
-            stream.cancel()
+            await stream.aclose()
             await out.put(None)
 
     def _log_user(self) -> None:
@@ -152,20 +191,31 @@ class Reply:
             self._user_logged = True
             self.parts.context.add_user(self.user_text)
 
-    def _play(self, speech: SpeechResult) -> None:
-        pcm = np.frombuffer(speech.pcm16, dtype=np.int16)
-        seg = self.parts.playout.enqueue(pcm, speech.sample_rate, speech.text, speech.words, speech.phonemes, self.id)
-        self.segments.append(seg)
-        self.parts.animator.speak(SpeechTrack(seg.t0, [(p, float(a), float(b)) for p, a, b in speech.phonemes],
-                                              duration=seg.pcm.size / 48000))
+    def _on_outage(self) -> None:
+        if self._holding_task is None:
+            self._holding_task = self.parts.tasks.spawn(self._say_holding_phrase())
+
+    async def _say_holding_phrase(self) -> None:
+        await self.gate.wait()
+        speech = self.parts.holding()
+        playing = any(seg.reply_id == self.id for seg in self.parts.playout.segments)
+        if speech is not None and not playing and not self.finished.is_set():
+            self._play(speech, holding=True)
+
+    def _play(self, speech: SpeechResult, holding: bool = False) -> None:
+        seg = play_speech(self.parts.playout, self.parts.animator, speech, self.id)
+        (self._holding if holding else self.segments).append(seg)  # a holding phrase is not the reply's words
 
     # --- playout ---------------------------------------------------------------------------------
-    def segment_started(self) -> bool:
-        """The playout reached one of this reply's segments; True for the reply's first audio."""
-        if self.started:
+    def segment_started(self, seg: Segment) -> bool:
+        """The playout reached one of this reply's segments; True for the reply's first audio (a holding
+        phrase starts the avatar speaking but is not the reply)."""
+        if not self.started:
+            self.started = True
+            self.parts.emit(Event.REPLICA_STARTED)
+        if self.first_audio or any(seg is s for s in self._holding):
             return False
-        self.started = True
-        self.parts.emit(Event.REPLICA_STARTED)
+        self.first_audio = True
         self.mark("first_audio_sent")
         return True
 
@@ -183,6 +233,8 @@ class Reply:
             self.parts.animator.stop_speaking()
         heard = self.heard_text(now, cut)
         self.finished.set()
+        if self._holding_task is not None:
+            self._holding_task.cancel()
         if interrupted and self.task is not None and not self.task.done() and asyncio.current_task() is not self.task:
             self.task.cancel()
         self.parts.on_finished(self)
@@ -192,7 +244,7 @@ class Reply:
             self.parts.context.add_assistant(heard)
             extra = {"llm_perception": self.llm_perception} if self.llm_perception else {}
             self.parts.emit(Event.UTTERANCE, role="replica", speech=heard, interrupted=interrupted, **extra)
-        if self.timings is not None and self.started:
+        if self.timings is not None and self.first_audio:
             self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms())
 
     def heard_text(self, now: float, cut: list[Segment]) -> str:

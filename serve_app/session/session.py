@@ -27,7 +27,8 @@ from serve_app.session.context import LLMContext
 from serve_app.session.control import Control
 from serve_app.session.listener import Listener, UserTurn
 from serve_app.session.perceiver import Perceiver
-from serve_app.session.reply import Reply, ReplyParts
+from serve_app.session.recovery import HoldingPhrases
+from serve_app.session.reply import Reply, ReplyParts, play_speech
 from serve_app.session.tasks import Tasks
 from serve_app.session.transport import Transport
 
@@ -56,11 +57,14 @@ class Session:
         self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
                                    self.emit, self.tasks, yield_cpu=self.preparing_reply)
         self.listener = Listener(self, handles.asr, handles.turn, vad, self.tasks, patience_s(persona),
-                                 interrupt_after_s(persona),
+                                 interrupt_after_s(persona), health=handles.health,
                                  voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None)
+        self.holding = HoldingPhrases(handles.tts, persona.layers.tts.speed)
+        self._holding_played_at = -1e9
         self.reply_parts = ReplyParts(handles.llm, handles.tts, llm_settings(persona), persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
-                                      self.perceiver.llm_description, self._reply_finished)
+                                      self.perceiver.llm_description, self._reply_finished, handles.health,
+                                      self.holding.get)
         self.control = Control(self, self.context, self.emit)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
 
@@ -91,6 +95,7 @@ class Session:
         except TimeoutError:
             return await self.shutdown(ShutdownReason.PARTICIPANT_ABSENT)
         self.emit(Event.REPLICA_JOINED)
+        self.tasks.spawn(self.holding.prepare())  # while TTS is up: it may be the stage that dies later
         if self.spec.custom_greeting:
             self.say(self.spec.custom_greeting)
         while not self._closed.is_set():
@@ -179,6 +184,19 @@ class Session:
         """Stop speaking now; the unsaid rest of the reply is dropped."""
         if self.reply is not None:
             self.reply.finish(interrupted=True)
+        elif self.playout.active:  # a holding phrase of no reply
+            self.playout.flush()
+            self.animator.stop_speaking()
+
+    def on_stage_outage(self) -> None:
+        """A model stage the listener called is down: say the holding phrase if the avatar is quiet (a reply
+        in progress says its own)."""
+        now = time.monotonic()
+        speech = self.holding.get()
+        if speech is None or self.reply is not None or self.playout.active or now - self._holding_played_at < 8:
+            return
+        self._holding_played_at = now
+        play_speech(self.playout, self.animator, speech, reply_id=0)
 
     def _start_reply(self, **kwargs: Any) -> None:
         self.interrupt()
@@ -191,7 +209,7 @@ class Session:
 
     def _on_segment_start(self, seg: Segment) -> None:
         reply = self.reply
-        if reply is not None and seg.reply_id == reply.id and reply.segment_started():
+        if reply is not None and seg.reply_id == reply.id and reply.segment_started(seg):
             self.face.mark_first_frame(reply.timings, seg.t0)
 
     def _on_playout_idle(self, reply_id: int) -> None:
