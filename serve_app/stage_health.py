@@ -46,10 +46,7 @@ class ServeStageHealth:
     async def learn(self, handles: list[Any]) -> None:
         """Remember the stages' running replicas (call while they are up, e.g. as a session starts)."""
         for handle in handles:
-            try:
-                await self.is_down(handle)
-            except Exception:  # noqa: BLE001 - best effort: is_down learns on its own later
-                pass
+            await self.is_down(handle)  # never raises; learns the replicas when Serve says all run
 
     async def is_down(self, handle: Any) -> bool:
         """The handle's stage has no live replica now (it died and is restarting)."""

@@ -13,11 +13,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from models.wire import SpeechResult
-
-T = TypeVar("T")
 
 HOLDING_PHRASE = "One moment, please."
 RESTARTED = object()  # StageGuard.stream: the stage died; what follows (if you go on) is a new call
