@@ -5,9 +5,13 @@ session's ReplyShaper (at most two sentences, never an unfinished one).
 - 43 single questions (benchmarks/clinic.py): facts a right answer must contain, questions whose
   answer is not in the facts (it must decline, not invent), small talk. Any number or "Dr. Name" in
   a reply that is not in the facts or the question counts as invented and fails the answer.
-- One 12-turn conversation (the realistic turn benchmark's script) with the session's history
-  window: no sentence may repeat across replies.
+- One 12-turn conversation (the realistic turn benchmark's script) built by the session's own
+  LLMContext (grounded facts, history window), the prefix prefilled after each reply as the
+  session does: no sentence may repeat across replies.
 - ttft_ms (request -> first token, prompt prefix cached as in a conversation) and tokens_per_s.
+
+No camera note: a session adds one only when the user's look or voice is notable (serve_app.session.perceiver),
+and a patient asking the receptionist a question looks calm and attentive.
 
 Writes benchmarks/results/llm_eval.json.    python -m benchmarks.llm_eval [--models smollm2-135m ...]
 """
@@ -24,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.clinic import PERSONA, QUESTIONS, Question
-from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages, context_start
+from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages
+from serve_app.session.context import LLMContext
 
 ROOT = Path(__file__).resolve().parent.parent
 DECLINE = re.compile(r"\b(don't|do not|not sure|no|not|sorry|unfortunately|can't|cannot|unable|call (you )?back|"
@@ -68,9 +73,10 @@ def score(q: Question, reply: str) -> dict:
     return {"right": bool(ok and not made_up and words <= MAX_WORDS), "words": words, "invented": made_up}
 
 
-async def reply_to(llm: EmbeddedLlamaCpp, messages: list[dict], params: GenerationParams) -> dict:
+async def reply_to(llm: EmbeddedLlamaCpp, messages: list[dict], params: GenerationParams,
+                   said_before: list[str] | None = None) -> dict:
     """One reply as a session speaks it, with its first-token time and generation rate."""
-    shaper = ReplyShaper()
+    shaper = ReplyShaper(said_before=said_before or [])
     t0 = time.perf_counter()
     first, pieces, cut = None, 0, False
     clauses: list[str] = []
@@ -93,28 +99,29 @@ def _sentences(text: str) -> list[str]:
     return [" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
 
-async def evaluate(name: str, threads: int = 1) -> dict:
+async def evaluate(name: str, threads: int = 1, temperature: float | None = None) -> dict:
     llm = EmbeddedLlamaCpp(n_parallel=1, threads=threads, model=name)
     llm.warmup()
-    params = GenerationParams()
-    system = [{"role": "system", "content": PERSONA["system_prompt"] + "\n\n" + PERSONA["context"]}]
+    params = GenerationParams() if temperature is None else GenerationParams(temperature=temperature)
     answers = []
     for q in QUESTIONS:
-        r = await reply_to(llm, system + [{"role": "user", "content": q.text}], params)
+        messages = build_messages(PERSONA["system_prompt"], PERSONA["context"], [{"role": "user", "content": q.text}])
+        r = await reply_to(llm, messages, params)
         answers.append({"question": q.text, "kind": q.kind, **r, **score(q, r["text"])})
-    # One conversation with the session's history window (stable prefix, context_start).
+    # One conversation as a session holds it: its LLMContext, and the prefix prefilled after each reply.
     from benchmarks.turn_latency import SCRIPT
 
-    history: list[dict] = []
-    start = 0
+    ctx = LLMContext(PERSONA["system_prompt"], PERSONA["context"])
     convo = []
     for turn in SCRIPT:
-        start = context_start(history, start)
-        messages = build_messages(PERSONA["system_prompt"], PERSONA["context"],
-                                  history[start:] + [{"role": "user", "content": turn.text}])
-        r = await reply_to(llm, messages, params)
-        convo.append({"user": turn.text, **r})
-        history += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": r["text"]}]
+        t0 = time.perf_counter()
+        prefilled = await llm.prefill(ctx.prefix())
+        prefill_ms = round((time.perf_counter() - t0) * 1000, 1)
+        messages = ctx.messages(turn.text)
+        r = await reply_to(llm, messages, params, ctx.said())
+        convo.append({"user": turn.text, "prefill_tokens": prefilled, "prefill_ms": prefill_ms, **r})
+        ctx.add_user(turn.text)
+        ctx.add_assistant(r["text"])
     await llm.aclose()
     seen: dict[str, int] = {}
     for c in convo:
@@ -126,7 +133,7 @@ async def evaluate(name: str, threads: int = 1) -> dict:
     by_kind = {k: round(float(np.mean([a["right"] for a in answers if a["kind"] == k])), 3)
                for k in ("fact", "decline", "small_talk")}
     return {
-        "model": name, "gguf": model_path(name).name, "threads": threads,
+        "model": name, "gguf": model_path(name).name, "threads": threads, "temperature": params.temperature,
         "accuracy": round(float(np.mean([a["right"] for a in answers])), 3), "by_kind": by_kind,
         "mean_words": round(float(np.mean([a["words"] for a in answers])), 1),
         "invented_answers": sum(bool(a["invented"]) for a in answers),
@@ -142,11 +149,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperature", type=float, help="default: the persona default (GenerationParams)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_eval.json"))
     a = ap.parse_args()
     results = {}
     for name in a.models:
-        results[name] = asyncio.run(evaluate(name, a.threads))
+        results[name] = asyncio.run(evaluate(name, a.threads, a.temperature))
         r = results[name]
         print(json.dumps({k: r[k] for k in ("model", "accuracy", "by_kind", "mean_words", "invented_answers",
                                             "repeats", "ttft_ms", "tokens_per_s")}))

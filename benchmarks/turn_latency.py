@@ -152,9 +152,13 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
             row["heard"] = user["properties"]["speech"]
             row["turn_index"] = sum(e["event_type"] == "conversation.utterance" and e["properties"]["role"] == "user"
                                     and e["received_at"] <= user["received_at"] for e in client.events)
-            speaking = await client.wait_event_after("conversation.replica.started_speaking", end, timeout=45)
-            # An earlier reply may still be audible after `end` (a barge-in not yet heard): this turn's
-            # reply starts when its started_speaking event says (give the data channel 150 ms).
+            # The reply to this turn starts after the user's utterance is recorded: audio before that is
+            # an earlier reply still audible, or one to half the question (an early reply, counted).
+            row["early_replies"] = sum(e["event_type"] == "conversation.replica.started_speaking"
+                                       and started + 0.3 < e["received_at"] < user["received_at"] for e in client.events)
+            speaking = await client.wait_event_after("conversation.replica.started_speaking",
+                                                     max(end, user["received_at"]), timeout=45)
+            # Give the data channel 150 ms: the event may trail the audio.
             first = await _first_audio(client, max(end, speaking["received_at"] - 0.15), timeout=10)
             row["latency_ms"] = round((first - end) * 1000, 1)
             if turn.barge_in:
@@ -216,6 +220,8 @@ def summarize(sessions: list[dict], cpu: dict[str, float], wall_s: float) -> dic
         "bargein_ms": {"p50": pct(barge, 50), "max": max(barge) if barge else None, "values": barge,
                        "n_attempted": sum(r["kind"] == "barge_in" for r in rows)},
         "cut_ins": {"count": sum(bool(r.get("cut_in")) for r in paused), "of": len(paused)},
+        # replies that began before the user had finished the turn (an answer to half a question)
+        "early_replies": sum(r.get("early_replies", 0) for r in rows),
         "turns_per_session": len(SCRIPT), "sessions": len(sessions),
         "stages_p50_ms": {k: pct(v, 50) for k, v in stages.items()},
         "stages_p95_ms": {k: pct(v, 95) for k, v in stages.items()},
@@ -236,6 +242,8 @@ def main() -> None:
     ap.add_argument("--url")
     ap.add_argument("--api-key")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turn_latency.json"))
+    ap.add_argument("--llm-model", help="another embedded LLM (models.assets.EMBEDDED_LLMS) instead of the profile's")
+    ap.add_argument("--llm-threads", type=int, default=1)
     a = ap.parse_args()
     # The client stands in for a remote participant but shares these 2 cores: run it at the niceness
     # Ray gives its workers (15) so it neither outranks the server it measures nor is starved by it.
@@ -250,7 +258,10 @@ def main() -> None:
         from benchmarks.local_app import start_local_app
 
         key = "bench"
-        url = start_local_app(key, "sqlite:////tmp/presence-bench.db")
+        llm = None
+        if a.llm_model:
+            llm = {"backend": "llamacpp", "backend_args": {"model": a.llm_model, "n_parallel": 1, "threads": a.llm_threads}}
+        url = start_local_app(key, "sqlite:////tmp/presence-bench.db", llm=llm)
     persona_id = httpx.post(f"{url}/v2/personas", json=PERSONA, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
@@ -260,7 +271,7 @@ def main() -> None:
     wall = time.time() - t0
     cpu1 = cpu_seconds()
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
-    result = {"benchmark": "turn_latency", "profile": "cpu",
+    result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
               "metric": "speech end -> first reply audio at the client (camera on, clinic persona, 12-turn "
                         "conversations with mid-turn pauses and barge-ins)",
               "target": {"p50_ms": 1500, "p95_ms": 2500, "late_vs_early": 1.2, "bargein_p50_ms": 300,

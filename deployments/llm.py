@@ -61,5 +61,10 @@ class LLM:
         finally:
             self.ttft.in_flight -= 1
 
+    async def prefill(self, messages: list[dict], endpoint: dict | None = None) -> int | None:
+        """Warm the prompt cache with a conversation prefix (persona, context, history) while the user
+        is still speaking; returns the tokens processed, None where the backend has no cache to warm."""
+        return await self._backend_for(endpoint).prefill(messages)
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.ttft.stats()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +40,29 @@ class StreamEnd:
 
 class LLMBackend(Protocol):
     def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]: ...
+
+    async def prefill(self, messages: list[Message]) -> int | None:
+        """Process `messages` (a conversation up to, not including, the next user message) into the
+        prompt cache, so the next reply pays only for its own user message. Returns the tokens
+        processed, or None where the backend keeps no cache we can warm."""
+        ...
+
+
+# Marks where the next user message would start in a rendered prompt (never said by anyone).
+_NEXT_USER = "\u2063next-user\u2063"
+
+
+def prefix_text(rendered: str) -> str:
+    """The part of a prompt rendered with a `_NEXT_USER` placeholder message before that message's
+    text: the exact prompt prefix every next turn shares."""
+    cut = rendered.find(_NEXT_USER)
+    if cut < 0:
+        raise ValueError("the chat template dropped the placeholder user message")
+    return rendered[:cut]
+
+
+def with_next_user(messages: list[Message]) -> list[Message]:
+    return [*messages, {"role": "user", "content": _NEXT_USER}]
 
 
 class OpenAICompatibleLLM:
@@ -81,6 +104,11 @@ class OpenAICompatibleLLM:
         """Non-standard request fields; none for a generic endpoint (OpenAI rejects unknown ones)."""
         return {}
 
+    async def prefill(self, messages: list[Message]) -> int | None:
+        """A remote endpoint caches prompts its own way (OpenAI, vLLM: automatic prefix caching); a
+        request sent only to warm it would be billed, so nothing is sent."""
+        return None
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -107,6 +135,18 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused).
         return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True}
 
+    async def prefill(self, messages: list[Message]) -> int | None:
+        """llama.cpp's own endpoints: the server's chat template renders the conversation with a
+        placeholder next user message, the text before the placeholder is processed with no token
+        generated (`n_predict: 0`) into the slot's cache, which the next chat request then reuses."""
+        root = self.base_url.removesuffix("/v1")
+        rendered = await self._client.post(f"{root}/apply-template", json={"messages": with_next_user(messages)})
+        rendered.raise_for_status()
+        done = await self._client.post(f"{root}/completion", json={
+            "prompt": prefix_text(rendered.json()["prompt"]), "n_predict": 0, "cache_prompt": True})
+        done.raise_for_status()
+        return int(done.json().get("timings", {}).get("prompt_n", 0))
+
     def warmup(self) -> None:
         """One tiny generation so the first user turn does not pay for cold caches."""
         httpx.post(f"{self.base_url}/chat/completions", timeout=60, json={
@@ -125,12 +165,30 @@ class VLLMEngine:
         )
         self._tokenizer = None
 
+    async def _prompt(self, messages: list[Message], next_user: bool = False) -> str:
+        if self._tokenizer is None:
+            self._tokenizer = await self._engine.get_tokenizer()
+        if next_user:
+            rendered = self._tokenizer.apply_chat_template(with_next_user(messages), tokenize=False,
+                                                           add_generation_prompt=False)
+            return prefix_text(rendered)
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def prefill(self, messages: list[Message]) -> int | None:
+        """One generated token over the conversation prefix: vLLM's automatic prefix caching keeps
+        its KV blocks for the next turn."""
+        from vllm import SamplingParams
+
+        prompt = await self._prompt(messages, next_user=True)
+        n = None
+        async for out in self._engine.generate(prompt, SamplingParams(max_tokens=1), request_id=uuid.uuid4().hex):
+            n = len(out.prompt_token_ids or [])
+        return n
+
     async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
         from vllm import SamplingParams
 
-        if self._tokenizer is None:
-            self._tokenizer = await self._engine.get_tokenizer()
-        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = await self._prompt(messages)
         sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                   top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                                   stop=params.stop)
@@ -148,11 +206,27 @@ class VLLMEngine:
 # --- reply shaping -------------------------------------------------------------------------------
 
 _EMOTION_TAG = re.compile(r"\[(neutral|joy|happy|sadness|sad|anger|angry|surprise|surprised)\]", re.I)
-_CLAUSE_END = re.compile(r"([.!?;:]+[\"')\]]?)(\s|$)|(,)(\s)")
+# A sentence end, or a pause inside one: a comma or a spaced dash ("I'm not sure - but ...").
+_CLAUSE_END = re.compile(r"([.!?;:]+[\"')\]]?)(\s|$)|(,|\s[-\u2013\u2014])(\s)")
 _SENTENCE_END = re.compile(r"[.!?]$")
 # A full stop after these is not the end of a sentence ("Dr. Chen", "9 a.m. to 6").
 _ABBREVIATION = re.compile(r"(?:^|\s)(?:dr|mr|mrs|ms|prof|st|mt|no|vs|etc|e\.g|i\.e|a\.m|p\.m|[a-z])\.$", re.I)
+_WHOLE_WORD = re.compile(r"\S+\s+")  # a word the stream has finished (whitespace after it)
+_BREAK_BEFORE = {"and", "but", "or", "so", "because", "when", "while", "if", "that", "which", "who", "to", "for",
+                 "with", "in", "on", "at", "from", "about", "after", "before", "until", "since", "as", "than"}
 EMOTION_ALIASES = {"happy": "joy", "sad": "sadness", "angry": "anger", "surprised": "surprise"}
+
+
+def _normalized(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z']+", sentence.lower()))
+
+
+def _four_grams(words: list[str]) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+
+
+def split_sentences(text: str) -> list[str]:
+    return [x for x in re.split(r"(?<=[.!?])\s+", text) if x.strip()]
 
 
 @dataclass
@@ -167,17 +241,26 @@ class ReplyShaper:
 
     Small local models ramble and loop; a voice reply must be short. The shaper emits a clause at
     sentence punctuation (or at a comma once the clause has `min_comma_words`), stops after
-    `max_sentences`, and stops when a sentence repeats an earlier one or a 4-gram loops.
+    `max_sentences`, and stops when a sentence repeats an earlier one or a 4-gram loops. After its first
+    sentence a reply also stops at a sentence the avatar already said in the conversation
+    (`said_before`): small models end every reply with the same boilerplate ("If you need any further
+    information...").
     """
 
     def __init__(self, max_sentences: int = 2, min_comma_words: int = 5, max_chars: int = 240,
-                 first_comma_words: int = 2) -> None:
+                 first_comma_words: int = 2, said_before: Iterable[str] = (), first_clause_words: int = 8,
+                 max_clause_words: int = 16) -> None:
         self.first_comma_words = first_comma_words
+        self.first_clause_words = first_clause_words
+        self.max_clause_words = max_clause_words
         self.max_sentences = max_sentences
         self.min_comma_words = min_comma_words
         self.max_chars = max_chars
         self._buf = ""
         self._sentences: list[str] = []
+        earlier = [_normalized(x) for text in said_before for x in split_sentences(text)]
+        self._said_before = set(earlier)
+        self._said_grams = {g for x in earlier for g in _four_grams(x.split())}
         self._ngrams: set[tuple[str, ...]] = set()
         self._emitted = 0
         self._chars = 0
@@ -196,10 +279,13 @@ class ReplyShaper:
 
     def _loops(self, clause: str) -> bool:
         words = re.findall(r"[a-z']+", clause.lower())
-        grams = {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
-        looped = bool(grams) and len(grams & self._ngrams) >= max(1, len(grams) // 2)
+        grams = _four_grams(words)
+        half = max(1, len(grams) // 2)
+        looped = bool(grams) and len(grams & self._ngrams) >= half
         self._ngrams |= grams
         norm = " ".join(words)
+        if self._sentences:  # past the first sentence: nothing the avatar said before
+            looped = looped or norm in self._said_before or (bool(grams) and len(grams & self._said_grams) >= half)
         return looped or (bool(norm) and norm in self._sentences)
 
     def _accept(self, text: str) -> Clause | None:
@@ -210,7 +296,7 @@ class ReplyShaper:
             self.done = True
             return None
         if _SENTENCE_END.search(text):
-            self._sentences.append(" ".join(re.findall(r"[a-z']+", text.lower())))
+            self._sentences.append(_normalized(text))
             if len(self._sentences) >= self.max_sentences:
                 self.done = True
         self._chars += len(text)
@@ -231,7 +317,7 @@ class ReplyShaper:
             for m in _CLAUSE_END.finditer(self._buf):
                 if m.group(1) == "." and _ABBREVIATION.search(self._buf[:m.end(1)]):
                     continue
-                if m.group(3):  # a comma: only worth a TTS call if the clause is long enough
+                if m.group(3):  # a comma or dash: only worth a TTS call if the clause is long enough
                     # The first clause may be short: it is what the user waits for.
                     need = self.first_comma_words if self._emitted == 0 else self.min_comma_words
                     if len(self._buf[: m.start()].split()) < need:
@@ -239,12 +325,30 @@ class ReplyShaper:
                 cut = m.end()
                 break
             if cut is None:
+                cut = self._word_bound_cut()
+            if cut is None:
                 break
             clause = self._accept(self._buf[:cut])
             self._buf = self._buf[cut:]
             if clause:
                 out.append(clause)
         return out
+
+    def _word_bound_cut(self) -> int | None:
+        """A run of words with no punctuation is cut at a word boundary once it is `first_clause_words`
+        long (the first clause: what the user waits for) or `max_clause_words` (later ones), before a
+        conjunction or preposition where one falls in the second half, so TTS need not wait for the
+        model to end a rambling sentence."""
+        limit = self.first_clause_words if self._emitted == 0 else self.max_clause_words
+        words = list(_WHOLE_WORD.finditer(self._buf))
+        if len(words) < limit:
+            return None
+        n = limit
+        for i in range(limit - 1, limit // 2, -1):
+            if words[i].group().strip().lower() in _BREAK_BEFORE:
+                n = i
+                break
+        return words[n - 1].end()
 
     def flush(self, cut: bool = False) -> list[Clause]:
         """The rest of the text when the stream ends. `cut`: the token budget ended the stream, so an
@@ -257,12 +361,14 @@ class ReplyShaper:
         return [clause] if clause else []
 
 
-def context_start(history: list[Message], start: int, max_messages: int = 10, keep: int = 4) -> int:
+def context_start(history: list[Message], start: int, max_messages: int = 16, keep: int = 2) -> int:
     """Index of the first history message the LLM sees.
 
     The window jumps forward (to the last `keep` messages, starting at a user turn) only when it
     exceeds `max_messages`, instead of sliding every turn: an unchanged prefix lets the server reuse
-    its prompt cache, so time to first token does not grow with the conversation.
+    its prompt cache, so time to first token does not grow with the conversation. A jump makes the
+    server process the kept messages again (on a CPU, ~10 ms a token for SmolLM2 and ~25 ms for a
+    0.5B model), so jumps are rare and keep only the last exchange.
     """
     if len(history) - start <= max_messages:
         return start
@@ -272,18 +378,34 @@ def context_start(history: list[Message], start: int, max_messages: int = 10, ke
     return start
 
 
+GROUNDING_RULES = ("Answer only from these facts. If they do not answer the question, say you do not know and offer "
+                   "to have someone call back. Never make up names, numbers, prices, dates or services.")
+
+
+def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> str:
+    """The system message: the persona, then its context. `grounded`: the context as a list of facts
+    with the rule a small model needs spelled out (only these facts; otherwise say so; invent
+    nothing); else the context as given, after the persona."""
+    system = system_prompt.strip()
+    lines = [ln.strip() for ln in context.splitlines() if ln.strip()]
+    if not lines:
+        return system
+    if not grounded:
+        return f"{system}\n\n{context.strip()}"
+    facts = "\n".join(ln if ln[:1] in "-*\u2022" else f"- {ln}" for ln in lines)
+    return f"{system}\n\nFacts:\n{facts}\n\n{GROUNDING_RULES}"
+
+
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
-                   max_history: int = 12) -> list[Message]:
-    """The chat the LLM sees: persona + conversational context, then the given turns (at most
-    `max_history`; callers choose the window with `context_start`).
+                   max_history: int | None = None, grounded: bool = True) -> list[Message]:
+    """The chat the LLM sees: persona + conversational context as grounded facts, then the given turns
+    (callers choose the window with `context_start`; `max_history` only bounds it).
 
     The prompt has a stable prefix and a volatile tail: what changes every turn (`perception`, what
     the user looks like now) is appended to the last user message, after the history, never to the
     system message, so the server's prompt cache keeps everything before it."""
-    system = system_prompt.strip()
-    if context:
-        system += "\n\n" + context.strip()
-    messages = [{"role": "system", "content": system}, *history[-max_history:]]
+    turns = history if max_history is None else history[-max_history:]
+    messages = [{"role": "system", "content": grounded_system(system_prompt, context, grounded)}, *turns]
     if perception and messages[-1]["role"] == "user":
         messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n(Seen on camera: {perception})"}
     return messages

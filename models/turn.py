@@ -17,6 +17,14 @@ _TRAILING_INCOMPLETE = {
     "um", "uh", "uhm", "erm", "hmm", "like", "about", "than", "then", "when", "while", "into",
 }
 _FILLER_ONLY = re.compile(r"^(um+|uh+|erm+|hmm+|mm+|so|well|and)$")
+# An utterance that is only an opener announces what comes next ("Wait, ...", "Sorry, one more thing, ..."):
+# with a comma-length pause after it, the user is very likely to go on.
+_OPENERS = {
+    "hi", "hello", "hey", "hi there", "hello there", "good morning", "good afternoon", "wait", "sorry", "great",
+    "so", "well", "also", "actually", "oh", "listen", "excuse me", "by the way", "one more thing",
+    "another thing", "one more question", "quick question", "i have a question", "sorry one more thing",
+    "oh wait", "hold on", "one second", "let me see", "let me think",
+}
 BACKCHANNELS = {
     "mhm", "mm-hmm", "mmhmm", "uh-huh", "uh huh", "yeah", "yes", "yep", "ok", "okay", "right",
     "sure", "i see", "got it", "hmm", "mm", "ah", "oh", "aha", "cool", "nice", "true",
@@ -52,6 +60,8 @@ def transcript_gate(text: str) -> float | None:
     if not words:
         return None
     stripped = text.strip()
+    if " ".join(words) in _OPENERS:
+        return 0.3
     if stripped.endswith(("?", "!")):
         return 1.3
     if words[-1] in _TRAILING_INCOMPLETE or _FILLER_ONLY.match(words[-1]):

@@ -20,6 +20,9 @@ class LLMLayer(BaseModel):
     max_tokens: int = Field(GenerationParams.max_tokens, ge=8, le=1024)
     temperature: float = Field(GenerationParams.temperature, ge=0.0, le=2.0)
     max_sentences: int = Field(2, ge=1, le=10)  # a spoken reply stops after this many sentences
+    # strict: the persona's context is the facts replies keep to (said "I don't know" otherwise);
+    # off: the context is background the LLM may go beyond.
+    grounding: Literal["strict", "off"] = "strict"
 
 
 class TTSLayer(BaseModel):

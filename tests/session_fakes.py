@@ -100,8 +100,9 @@ class Models:
 
     def __init__(self, transcript: str = "What time do you open?", audio_p: float = 0.9, threshold: float = 0.5,
                  reply: str = "We open at nine. See you then.", clause_s: float = 0.6, last_piece_s: float = 0.0,
-                 finish_reason: str = "stop") -> None:
+                 finish_reason: str = "stop", tts_delays_s: list[float] | None = None) -> None:
         self.transcript = transcript
+        self.tts_delays_s = list(tts_delays_s or [])  # per synthesize call, in order (then 10 ms)
         self.audio_p = audio_p
         self.threshold = threshold
         self.reply = reply
@@ -112,7 +113,8 @@ class Models:
         self.prompts: list[list[dict]] = []
         self.asr = FakeHandle(transcribe=self._transcribe)
         self.turn = FakeHandle(predict=self._predict)
-        self.llm = FakeHandle(stream=self._stream)
+        self.llm = FakeHandle(stream=self._stream, prefill=self._prefill)
+        self.prefills: list[list[dict]] = []
         self.tts = FakeHandle(synthesize=self._synthesize)
         self.outages = {"asr": Outage(), "llm": Outage(), "tts": Outage()}
         self.health = StageHealth(lost=(Died,), is_down=self._is_down)
@@ -137,9 +139,14 @@ class Models:
         self.streams.append(stream)
         return stream
 
+    async def _prefill(self, messages, endpoint=None) -> int:
+        await self.outages["llm"].enter()
+        self.prefills.append(json.loads(json.dumps(messages)))
+        return len(messages)
+
     async def _synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
         await self.outages["tts"].enter()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self.tts_delays_s.pop(0) if self.tts_delays_s else 0.01)
         rate = 16000
         n = int(self.clause_s * rate)
         pcm = (np.random.default_rng(0).standard_normal(n) * 3000).astype(np.int16).tobytes()

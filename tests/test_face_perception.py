@@ -131,16 +131,18 @@ def test_smile_against_the_users_resting_face(analyzer, faces):
     assert track.emotion()[0] == "neutral"
     neutral_text = fuse(track, 1.0).visual
     assert neutral_text == "The user looks calm, looking at you."
+    assert not fuse(track, 1.0).notable  # the everyday look: nothing to tell the LLM
     for i in range(6):
         track.add(1.0 + i * 0.25, analyzer.analyse([faces["joy"]])[0])
     emotion, conf = track.emotion()
     assert emotion == "joy" and conf > 0.45
     state = fuse(track, 2.5)
     assert state.visual == "The user is smiling and looks happy, looking at you." and state.valence > 0.3
+    assert state.notable
     # The camera goes dark: the user is no longer visible after the attention window.
     for i in range(10):
         track.add(2.5 + i * 0.25, FaceObservation(present=False))
-    assert fuse(track, 5.0).visual == "The user is not visible on camera."
+    assert fuse(track, 5.0).visual == "The user is not visible on camera." and fuse(track, 5.0).notable
 
 
 def test_sentiment_and_incongruence():
@@ -161,6 +163,10 @@ def test_sentiment_and_incongruence():
                  words=sentiment("Yes, that sounds good."))
     assert state.incongruent and "voice sounds hesitant" in state.description
     assert state.description.startswith("The user is not visible on camera. The user spoke slowly")
+    from models.perception.prosody import remarkable
+
+    even = Prosody(2.0, 120.0, 6.0, 0.0, -24.0, 5.5, 0, 0.1, 0)
+    assert remarkable(hesitant) and not remarkable(even)
 
 
 def test_perception_tool_fires_once_after_holding_and_rearms():

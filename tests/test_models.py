@@ -54,6 +54,15 @@ def test_smart_turn_prefers_finished_sentences(tts):
     assert transcript_gate("") is None
 
 
+def test_an_opener_alone_is_not_a_finished_turn():
+    """"Wait." or "Sorry, one more thing." before a comma-length pause: the user goes on (the turn is
+    taken after the persona's patience if they do not)."""
+    for opener in ("Wait.", "Sorry, one more thing.", "Hi.", "Great."):
+        assert fuse(0.9, opener).complete is False, opener
+    assert fuse(0.9, "Great, see you on Monday.").complete is True
+    assert fuse(0.9, "Thanks.").complete is True
+
+
 def test_backchannels():
     assert is_backchannel("Mhm.") and is_backchannel("yeah, okay") and is_backchannel("")
     assert not is_backchannel("Wait, that's not what I asked")
@@ -133,6 +142,14 @@ def test_reply_shaper_splits_bounds_and_stops_loops():
     assert len(out) == 1 and loop.done
     tagged = ReplyShaper()
     assert [c.text for c in tagged.feed("[joy] Great to see you *again*. ")] == ["Great to see you again."]
+    rambling = ReplyShaper()  # no punctuation for a long stretch: cut at a word boundary, before "and"
+    out = []
+    for word in "I am sorry for the trouble and I will make sure it gets fixed today. ".split(" "):
+        out += [c.text for c in rambling.feed(word + " ")]
+    assert out == ["I am sorry for the trouble", "and I will make sure it gets fixed today."]
+    dashed = ReplyShaper()  # a spaced dash is a pause like a comma: the first clause reaches TTS sooner
+    assert [c.text for c in dashed.feed("I'm not sure - but Dr. Chen will know. ")] == [
+        "I'm not sure -", "but Dr. Chen will know."]
     assert tagged.emotion == "joy"
 
 
@@ -151,6 +168,33 @@ def test_replies_are_short_and_end_at_a_sentence_boundary():
     assert [c.text for c in natural.flush(cut=False)] == ["Sure thing"]
     finished = ReplyShaper()  # the budget ran out right at a sentence end: nothing is lost
     assert [c.text for c in finished.feed("See you then.")] == ["See you then."] and finished.flush(cut=True) == []
+
+
+def test_a_reply_does_not_end_on_what_was_said_before():
+    """Past its first sentence, a reply stops at a sentence (or most of a clause) the avatar already
+    said in the conversation; its first sentence may repeat (the user may ask again)."""
+    earlier = ["Dr. Novak sees children. If you need any further information, please ask me anytime."]
+
+    def spoken(text: str) -> list[str]:
+        shaper = ReplyShaper(max_sentences=3, said_before=earlier)
+        return [c.text for c in shaper.feed(text) + shaper.flush()]
+
+    assert spoken("An emergency visit is 120 dollars. If you need any further information, please ask me "
+                  "anytime.") == ["An emergency visit is 120 dollars."]
+    assert spoken("Dr. Novak sees children. She works on Saturday.") == ["Dr. Novak sees children.",
+                                                                        "She works on Saturday."]
+    assert spoken("It is 95 dollars. If you need any further help, call us.") == ["It is 95 dollars."]
+    assert spoken("It is 95 dollars. If you need braces, ask Dr. Haddad.") == [
+        "It is 95 dollars.", "If you need braces, ask Dr. Haddad."]
+
+
+def test_grounded_system_message_lists_the_facts_and_the_rule():
+    from models.llm import GROUNDING_RULES, grounded_system
+
+    text = grounded_system("You are Maya.", "Open 8 to 6.\n\n- Parking behind.\n")
+    assert text == f"You are Maya.\n\nFacts:\n- Open 8 to 6.\n- Parking behind.\n\n{GROUNDING_RULES}"
+    assert grounded_system("You are Maya.", "  ") == "You are Maya."
+    assert grounded_system("You are Maya.", "Open 8 to 6.", grounded=False) == "You are Maya.\n\nOpen 8 to 6."
 
 
 def test_build_messages_keeps_short_history():

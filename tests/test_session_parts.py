@@ -181,7 +181,8 @@ def test_a_click_over_the_avatar_pauses_it_only_briefly():
 
 def test_prompt_prefix_is_stable_while_perception_changes():
     """Persona, context and history stay byte-identical from turn to turn; what the user looks like
-    (changing every turn) only ever appears in the last message, after the history."""
+    (changing every turn) only ever appears in the last message, after the history; the prefix the
+    session prefills (`LLMContext.prefix`) is exactly what the next reply's prompt starts with."""
     from serve_app.session.context import LLMContext
 
     def render(messages: list[dict]) -> str:  # a ChatML-like template, as llama.cpp applies one
@@ -189,21 +190,59 @@ def test_prompt_prefix_is_stable_while_perception_changes():
 
     ctx = LLMContext("You are Maya.", "Open 8 to 6.", "The patient is Ann.")
     looks = ["The user is smiling and looks happy.", "The user looks sad.", "The user is looking away."]
+    system = ("You are Maya.\n\nFacts:\n- Open 8 to 6.\n- The patient is Ann.\n\n"
+              "Answer only from these facts. If they do not answer the question, say you do not know and offer "
+              "to have someone call back. Never make up names, numbers, prices, dates or services.")
     previous, jumps = None, 0
-    for i in range(12):
+    for i in range(24):
+        prefix = ctx.prefix()
         msgs = ctx.messages(f"Question {i}?", perception=looks[i % 3])
-        assert msgs[0]["content"] == "You are Maya.\n\nOpen 8 to 6.\nThe patient is Ann."
-        assert all(looks[i % 3] not in m["content"] for m in msgs[:-1]) and looks[i % 3] in msgs[-1]["content"]
-        if previous is not None:
-            before = render(previous[:-1]) + render([{"role": "user", "content": f"Question {i - 1}?"}])
-            if render(msgs).startswith(before):
-                pass
-            else:
-                jumps += 1  # the history window moved on (rarely: see context_start)
+        assert msgs[0]["content"] == system
+        assert msgs[:-1] == prefix and render(msgs).startswith(render(prefix))
+        assert all(look not in m["content"] for m in msgs[:-1] for look in looks) and looks[i % 3] in msgs[-1]["content"]
+        said_before = render(previous[:-1] + [{"role": "user", "content": f"Question {i - 1}?"}]) if previous else ""
+        if previous is not None and not render(msgs).startswith(said_before):
+            jumps += 1  # the history window moved on (rarely: see context_start)
         previous = msgs
-        ctx.add_user(f"Question {i}?")
+        ctx.add_user(f"Question {i}?")  # as the reply records it: the words, not the camera note
         ctx.add_assistant(f"Answer {i}.")
-    assert jumps <= 2
+    assert jumps <= 3
+    ungrounded = LLMContext("You are Maya.", "Open 8 to 6.", grounded=False)
+    assert ungrounded.prefix()[0]["content"] == "You are Maya.\n\nOpen 8 to 6."
+
+
+def test_the_prompt_prefix_is_prefilled_when_it_changes():
+    """The session warms the LLM's prompt cache with the conversation prefix (at the start: `run()`),
+    after each reply, with what was heard, and when the client changes the context; a dead LLM only
+    skips it."""
+    models = Models(reply="We open at nine. See you then.", clause_s=0.3)
+
+    async def run():
+        s = make_session(models)
+        player = asyncio.ensure_future(play_audio(s))
+        s.prefill.request()  # what run() does once the peer is connected
+        await asyncio.wait_for(_until(lambda: len(models.prefills) == 1), 2)
+        assert [m["role"] for m in models.prefills[0]] == ["system"]
+        await speak(s.listener.feed, 0.5)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        await asyncio.wait_for(_until(lambda: len(models.prefills) == 2), 2)
+        last = models.prefills[1]
+        assert [m["role"] for m in last] == ["system", "user", "assistant"]
+        assert last[2]["content"] == "We open at nine. See you then." and last == s.context.prefix()
+        assert last[1]["content"] == "What time do you open?"  # the words, without the camera note
+        s.control.on_message(json.dumps({"event_type": "conversation.append_llm_context",
+                                         "properties": {"context": "The patient prefers mornings."}}))
+        await asyncio.wait_for(_until(lambda: len(models.prefills) == 3), 2)
+        assert "The patient prefers mornings." in models.prefills[2][0]["content"]
+        models.outages["llm"].kill()
+        s.prefill.request()
+        await asyncio.sleep(0.2)
+        assert s.prefill.tokens == [1, 3, 3] and len(models.prefills) == 3
+        player.cancel()
+        await s.close()
+
+    asyncio.run(run())
 
 
 def test_the_face_renders_less_while_a_reply_is_prepared():
@@ -341,7 +380,7 @@ def test_talking_over_the_avatar_pauses_it_at_once_then_barge_in_or_go_on():
     and the context keeps only what was heard before the pause."""
     text = "This is a long sentence that the avatar is saying. And another one after it."
 
-    async def run(words: str):
+    async def run(words: str, then_quiet: bool = False):
         models = Models(clause_s=2.0, transcript=words)
         s = make_session(models)
         heard: list[tuple[float, float]] = []
@@ -352,6 +391,8 @@ def test_talking_over_the_avatar_pauses_it_at_once_then_barge_in_or_go_on():
         t_talk = time.monotonic()
         await speak(s.listener.feed, 0.7)
         decided = time.monotonic()
+        if then_quiet:  # the user stops: the pause ends the utterance, and "mhm" is no turn
+            await pause(s.listener.feed, 0.5)
         await asyncio.sleep(0.2)
         await asyncio.wait_for(_until(lambda: s.reply is None), 8)
         player.cancel()
@@ -361,12 +402,14 @@ def test_talking_over_the_avatar_pauses_it_at_once_then_barge_in_or_go_on():
     def silent_after(heard, t: float) -> float:
         return next(ts for ts, rms in heard if ts > t and rms < 1e-3) - t
 
-    t_talk, decided, heard, evs = asyncio.run(run("mhm"))
-    assert silent_after(heard, t_talk) < 0.3
-    assert any(rms > 0.01 for ts, rms in heard if ts > decided + 0.1)  # it went on
-    said = of_type(evs, Event.UTTERANCE)[-1]["properties"]
-    assert said["speech"] == text and not said["interrupted"]
-    assert not of_type(evs, Event.REPLICA_STOPPED)[-1]["properties"]["interrupted"]
+    for then_quiet in (False, True):
+        t_talk, decided, heard, evs = asyncio.run(run("mhm", then_quiet))
+        assert silent_after(heard, t_talk) < 0.3
+        assert any(rms > 0.01 for ts, rms in heard if ts > decided + 0.1)  # it went on
+        said = of_type(evs, Event.UTTERANCE)[-1]["properties"]
+        assert said["speech"] == text and not said["interrupted"]
+        assert not of_type(evs, Event.REPLICA_STOPPED)[-1]["properties"]["interrupted"]
+        assert not [e for e in of_type(evs, Event.UTTERANCE) if e["properties"]["role"] == "user"]
 
     t_talk, decided, heard, evs = asyncio.run(run("No, stop, that is wrong."))
     assert silent_after(heard, t_talk) < 0.3
@@ -374,6 +417,62 @@ def test_talking_over_the_avatar_pauses_it_at_once_then_barge_in_or_go_on():
     said = of_type(evs, Event.UTTERANCE)[-1]["properties"]
     assert said["interrupted"] and said["speech"].startswith("This is") and said["speech"] != text
     assert of_type(evs, Event.REPLICA_STOPPED)[0]["properties"]["interrupted"] is True
+
+
+def test_a_clause_that_starts_while_the_user_talks_is_paused_at_once():
+    """The user starts talking while the avatar waits for its next clause (silent, TTS still busy):
+    when that clause arrives it is paused within a frame or two, and real words end the reply."""
+
+    async def run():
+        models = Models(clause_s=1.5, transcript="No, stop, that is wrong.", tts_delays_s=[0.01, 2.5])
+        s = make_session(models)
+        heard: list[tuple[float, float]] = []
+        player = asyncio.ensure_future(play_audio(s, heard))
+        s.say("First part. Second part comes late.")
+        await asyncio.wait_for(_until(lambda: s.reply is not None and s.reply.started), 5)
+        await asyncio.sleep(1.7)  # the first clause played out; the second is still being synthesised
+        t_talk = time.monotonic()
+        await speak(s.listener.feed, 1.5)  # the second clause becomes ready ~0.8 s into this
+        t_end = time.monotonic()
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: s.reply is None), 8)
+        player.cancel()
+        await s.close()
+        return t_talk, t_end, heard, events(s)
+
+    t_talk, t_end, heard, evs = asyncio.run(run())
+    loud_s = 0.02 * sum(rms > 0.01 for ts, rms in heard if t_talk < ts < t_end)  # the reply to the words comes later
+    assert loud_s <= 0.1, loud_s  # before this rule, the late clause played on over the user (~1 s)
+    said = [e["properties"] for e in of_type(evs, Event.UTTERANCE) if e["properties"]["role"] == "replica"][0]
+    assert said["interrupted"] and said["speech"].startswith("First part.")
+
+
+def test_a_short_word_then_a_comma_pause_over_the_avatar_keeps_it_paused():
+    """"Wait, ..." over the avatar: the word is shorter than the barge-in check needs and a comma pause
+    follows; the avatar stays silent through the pause (it does not resume for a moment and get cut
+    again) and the words end the reply."""
+
+    async def run():
+        models = Models(clause_s=3.0, transcript="Wait,")
+        s = make_session(models)
+        heard: list[tuple[float, float]] = []
+        player = asyncio.ensure_future(play_audio(s, heard))
+        s.say("Dr. Haddad does braces for children and adults alike.")
+        await asyncio.wait_for(_until(lambda: s.reply is not None and s.reply.started), 5)
+        await asyncio.sleep(0.5)
+        t_talk = time.monotonic()
+        await speak(s.listener.feed, 0.25)
+        await pause(s.listener.feed, 0.2)
+        await speak(s.listener.feed, 1.0)
+        t_end = time.monotonic()
+        await asyncio.wait_for(_until(lambda: of_type(events(s), Event.REPLICA_STOPPED) or s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return t_talk, t_end, heard
+
+    t_talk, t_end, heard = asyncio.run(run())
+    loud = [ts - t_talk for ts, rms in heard if t_talk + 0.15 < ts < t_end and rms > 0.01]
+    assert not loud, loud[:5]
 
 
 def test_a_reply_ends_when_its_last_words_are_dropped_after_the_audio_played():

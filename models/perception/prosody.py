@@ -135,6 +135,16 @@ def describe(p: Prosody) -> str:
     return f"The user spoke {parts}{pauses}{ending}{hesitant}."
 
 
+def remarkable(p: Prosody) -> bool:
+    """True when `describe` says more than "The user spoke at an even pace." (fast or slow, loud or
+    quiet, lively or flat, a rising end, long pauses, hesitant): something a listener would notice."""
+    if p.voiced_s < 0.2:
+        return False
+    return (not 4.8 <= p.syllables_per_s <= 6.5 or p.energy_db > -14 or p.energy_db < -36
+            or p.pitch_range_st > 11 or p.pitch_range_st < 4 or p.pitch_slope_st > 2.0
+            or p.pause_ratio > 0.3 or p.pauses >= 3 or p.fillers >= 2)
+
+
 @dataclass
 class ProsodyTrend:
     """The user's voice across the call (running means over utterances), so one utterance can be

@@ -8,8 +8,10 @@ from models.llm import Message, build_messages, context_start
 class LLMContext:
     """The conversation as the LLM sees it. Replies add only what the user actually heard."""
 
-    def __init__(self, system_prompt: str, persona_context: str, conversational_context: str = "") -> None:
+    def __init__(self, system_prompt: str, persona_context: str, conversational_context: str = "",
+                 grounded: bool = True) -> None:
         self.system_prompt = system_prompt
+        self.grounded = grounded  # the context is the facts the replies keep to (persona layers.llm.grounding)
         self.persona_context = persona_context
         self.context = conversational_context or ""
         self.history: list[Message] = []
@@ -24,6 +26,10 @@ class LLMContext:
         self.context = text
 
     def add_user(self, text: str) -> None:
+        """The user's words. Not the camera note the LLM read with them: small models that see past
+        notes in the history talk about the notes ("The patient looks nervous...") instead of answering.
+        So the cached prompt differs from the history at that message, and the prefill after the
+        reply processes it again (~50 tokens), while the user is listening or speaking."""
         self.history.append({"role": "user", "content": text})
 
     def add_assistant(self, text: str) -> None:
@@ -31,8 +37,22 @@ class LLMContext:
 
     def messages(self, user_text: str, perception: str | None = None) -> list[Message]:
         """The chat for a reply to `user_text` (not yet in the history: it enters once the turn is
-        confirmed)."""
+        confirmed, as this chat's last message)."""
+        return build_messages(self.system_prompt, self._context(), self._window() + [{"role": "user", "content": user_text}],
+                              perception=perception, grounded=self.grounded)
+
+    def said(self) -> list[str]:
+        """What the avatar has said in the conversation (replies do not end on a sentence said before)."""
+        return [m["content"] for m in self.history if m["role"] == "assistant"]
+
+    def prefix(self) -> list[Message]:
+        """The chat every next reply starts with (persona, context, the history window): what the LLM
+        can process into its prompt cache before the user has finished speaking."""
+        return build_messages(self.system_prompt, self._context(), self._window(), grounded=self.grounded)
+
+    def _window(self) -> list[Message]:
         self._start = context_start(self.history, self._start)
-        history = self.history[self._start:] + [{"role": "user", "content": user_text}]
-        context = "\n".join(x for x in (self.persona_context, self.context) if x)
-        return build_messages(self.system_prompt, context, history, perception=perception)
+        return self.history[self._start:]
+
+    def _context(self) -> str:
+        return "\n".join(x for x in (self.persona_context, self.context) if x)

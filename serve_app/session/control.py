@@ -4,6 +4,7 @@ changes to the LLM's context. Malformed or unknown messages get a `system.error`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from serve_app.events import ClientEvent, Event
@@ -21,10 +22,12 @@ class Speaker(Protocol):
 
 
 class Control:
-    def __init__(self, speaker: Speaker, context: LLMContext, emit) -> None:
+    def __init__(self, speaker: Speaker, context: LLMContext, emit,
+                 on_context_change: Callable[[], None] = lambda: None) -> None:
         self.speaker = speaker
         self.context = context
         self.emit = emit
+        self.on_context_change = on_context_change
 
     def on_message(self, message: Any) -> None:
         try:
@@ -48,7 +51,9 @@ class Control:
             self.speaker.interrupt()
         elif kind == ClientEvent.APPEND_CONTEXT:
             self.context.append(str(props.get("context", ""))[:MAX_APPEND])
+            self.on_context_change()
         elif kind == ClientEvent.OVERWRITE_CONTEXT:
             self.context.overwrite(str(props.get("context", ""))[:MAX_CONTEXT])
+            self.on_context_change()
         else:
             self.emit(Event.ERROR, message=f"unknown event_type {kind!r}")

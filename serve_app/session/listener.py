@@ -42,6 +42,7 @@ MAX_INPUT_SAMPLES = RATE * 30  # an utterance longer than 30 s is cut into a tur
 PRE_ROLL_CHUNKS = 10  # 320 ms before the VAD fired: the first syllable matters to ASR
 TURN_MODEL_BYTES = 8 * RATE * 2  # smart-turn reads the last 8 s
 TURN_MODEL_WAIT_S = 2.0  # past this after the words are known, the turn is decided on the words alone
+OVERLAP_GRACE_S = 0.3  # the avatar, paused by the user's voice, goes on only after this much silence
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Listener:
         self._eot_task: asyncio.Task | None = None
         self._barge_task: asyncio.Task | None = None
         self._overlap_chunks = 0  # > 0: the avatar was paused for possible speech this many chunks ago
+        self._speech_seq = 0  # stretches of speech so far (VAD speech starts)
+        self._barge_seq = -1  # the stretch the last barge-in check was for
 
     @property
     def deciding(self) -> bool:
@@ -134,15 +137,26 @@ class Listener:
                 self.hooks.on_user_started()
             else:
                 self._cancel_pending_turn()
+            self._speech_seq += 1
             if self.hooks.replica_speaking() and self._barge_task is None:
-                self._overlap_chunks = 0  # the barge-in check owns the pause now
-                self._barge_task = self.tasks.spawn(self._barge_in(t))
+                self._start_barge_check(t)
+        elif (self.segmenter.speaking and self.in_utterance and self._barge_task is None and not self._overlap_chunks
+              and self._barge_seq != self._speech_seq and self.hooks.replica_speaking()):
+            # The avatar began a clause while the user was already talking (its audio had paused
+            # between clauses, waiting for TTS): pause it now and decide as for any overlap.
+            self.hooks.on_overlap()
+            self._start_barge_check(self.segmenter.speech_start_t)
         elif ev is not None and ev.kind == "pause" and self.in_utterance:
             self._cancel_pending_turn()
             self._eot_task = self.tasks.spawn(self._end_of_turn())
         if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
+
+    def _start_barge_check(self, start_t: float) -> None:
+        self._overlap_chunks = 0  # the barge-in check owns the pause now
+        self._barge_seq = self._speech_seq  # one check per stretch of speech
+        self._barge_task = self.tasks.spawn(self._barge_in(start_t))
 
     def _watch_overlap(self, prob: float) -> None:
         """Pause the avatar on the first voiced chunk that talks over it, one chunk before speech is
@@ -180,7 +194,8 @@ class Listener:
             turn_call.cancel()
             raise
         timings.mark("asr_final")
-        if not text:
+        if not text or (self.hooks.replica_speaking() and is_backchannel(text)):
+            # Noise, or "mhm" over the avatar: no turn, and the avatar goes on.
             turn_call.cancel()
             self._end_utterance(None)
             return
@@ -219,13 +234,21 @@ class Listener:
         self.hooks.on_user_stopped(turn)
 
     async def _barge_in(self, start_t: float) -> None:
-        """The user talks over the avatar (which paused at once): after `interrupt_after_s` of speech,
-        barge in unless the words are a backchannel ("mhm", "yeah"); shorter sounds are noise."""
+        """The user talks over the avatar (which paused at once): `interrupt_after_s` after they began
+        (with no silence longer than OVERLAP_GRACE_S), barge in unless the words are a backchannel
+        ("mhm", "yeah"); shorter sounds are noise and the avatar goes on."""
         barged = False
+        quiet_since = None
         try:
             while self.samples_in / RATE - start_t < self.interrupt_after_s:
-                if not self.segmenter.speaking or not self.hooks.replica_speaking():
+                if not self.hooks.replica_speaking():
                     return
+                if self.segmenter.speaking:
+                    quiet_since = None
+                else:  # "Wait, ..." stops for a comma: stay paused a moment before going on
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > OVERLAP_GRACE_S:
+                        return
                 await asyncio.sleep(0.032)
             try:
                 takes_floor = not is_backchannel((await self.asr.transcribe.remote(self._utterance_pcm())).text)

@@ -27,6 +27,7 @@ from models.perception.fusion import PerceptionState, SessionPerception, VisualT
 from models.perception.prosody import Prosody, ProsodyTrend, count_fillers
 from models.perception.prosody import analyse as analyse_prosody
 from models.perception.prosody import describe as describe_prosody
+from models.perception.prosody import remarkable as remarkable_voice
 from models.perception.sentiment import Sentiment, sentiment
 from models.perception.tools import watches
 from serve_app.events import Event
@@ -64,6 +65,7 @@ class Perceiver:
         self.voice_trend = ProsodyTrend()
         self._voice: Prosody | None = None
         self._voice_text: str | None = None
+        self._voice_notable = False  # the last utterance's voice was worth remarking on
         self._words: Sentiment | None = None
         self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames (I420)
         self._perceive_task: asyncio.Task | None = None
@@ -115,6 +117,7 @@ class Perceiver:
         change = self.voice_trend.describe_change(voice)
         self.voice_trend.add(voice)
         self._voice, self._voice_text = voice, " ".join(x for x in (describe_prosody(voice), change) if x)
+        self._voice_notable = remarkable_voice(voice) or bool(change)
         self._words = sentiment(text)
         self.update()
 
@@ -143,8 +146,14 @@ class Perceiver:
             self.emit(Event.PERCEPTION_SNAPSHOT, **self.log.summary())
 
     def llm_description(self) -> str | None:
-        """What the LLM is told about the user for a reply (persona: layers.perception.llm_context)."""
-        return self.state.description if self.in_llm and self.state is not None else None
+        """What the LLM is told about the user for a reply (persona: layers.perception.llm_context):
+        nothing while they look and sound as anyone does (calm, attentive, an even voice). Every word
+        of it is prompt the LLM reads after the user stops speaking (~25 ms a token for the CPU
+        profile's model), and a note that says nothing is noise to a small model."""
+        state = self.state
+        if not self.in_llm or state is None or not (state.notable or self._voice_notable):
+            return None
+        return state.description
 
     def utterance_fields(self, voice: Prosody | None) -> dict:
         """The perception fields of a user utterance event."""

@@ -155,7 +155,8 @@ class Reply:
         self.llm_perception = self.parts.perception_text()
         messages = self.parts.context.messages(self.user_text, self.llm_perception)
         settings = self.parts.llm_settings
-        shaper = ReplyShaper(max_sentences=settings.max_sentences)
+        earlier = self.parts.context.said()
+        shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
         llm = self.parts.llm
         stream = self.guard.stream(llm, lambda: llm.options(stream=True).stream.remote(messages, settings.params,
                                                                                         settings.endpoint))
@@ -166,7 +167,7 @@ class Reply:
                 if piece is RESTARTED:  # the LLM replica died: start over, unless some of it was said
                     if said:
                         break
-                    shaper = ReplyShaper(max_sentences=settings.max_sentences)
+                    shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
                     continue
                 if isinstance(piece, StreamEnd):
                     cut = piece.finish_reason == "length"

@@ -27,6 +27,7 @@ from serve_app.session.context import LLMContext
 from serve_app.session.control import Control
 from serve_app.session.listener import Listener, UserTurn
 from serve_app.session.perceiver import Perceiver
+from serve_app.session.prefill import PromptPrefill
 from serve_app.session.recovery import HoldingPhrases
 from serve_app.session.reply import Reply, ReplyParts, play_speech
 from serve_app.session.tasks import Tasks
@@ -53,7 +54,8 @@ class Session:
         self.face = AvatarFace(renderer, self.animator, yield_cpu=self.preparing_reply)
         self.audio_out = AvatarAudioTrack(self.clock, self.playout)
         self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps)
-        self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context)
+        self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context,
+                                  grounded=persona.layers.llm.grounding == "strict")
         self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
                                    self.emit, self.tasks, yield_cpu=self.preparing_reply)
         self.listener = Listener(self, handles.asr, handles.turn, vad, self.tasks, patience_s(persona),
@@ -61,11 +63,13 @@ class Session:
                                  voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None)
         self.holding = HoldingPhrases(handles.tts, persona.layers.tts.speed)
         self._holding_played_at = -1e9
-        self.reply_parts = ReplyParts(handles.llm, handles.tts, llm_settings(persona), persona.layers.tts.speed,
+        settings = llm_settings(persona)
+        self.prefill = PromptPrefill(handles.llm, self.context, settings.endpoint, self.tasks)
+        self.reply_parts = ReplyParts(handles.llm, handles.tts, settings, persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
                                       self.perceiver.llm_description, self._reply_finished, handles.health,
                                       self.holding.get)
-        self.control = Control(self, self.context, self.emit)
+        self.control = Control(self, self.context, self.emit, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
 
     def emit(self, event_type: Event, **props: Any) -> None:
@@ -95,6 +99,7 @@ class Session:
         except TimeoutError:
             return await self.shutdown(ShutdownReason.PARTICIPANT_ABSENT)
         self.emit(Event.REPLICA_JOINED)
+        self.prefill.request()  # persona and facts into the LLM's prompt cache before the first question
         self.tasks.spawn(self.holding.prepare())  # while TTS is up: it may be the stage that dies later
         if self.spec.custom_greeting:
             self.say(self.spec.custom_greeting)
@@ -206,6 +211,7 @@ class Session:
     def _reply_finished(self, reply: Reply) -> None:
         if self.reply is reply:
             self.reply = None
+        self.prefill.request()  # what was heard joins the cached prefix while the user answers
 
     def _on_segment_start(self, seg: Segment) -> None:
         reply = self.reply
