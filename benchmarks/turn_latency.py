@@ -101,6 +101,21 @@ def silent_from(audio: list[tuple[float, float]], t: float, hold_s: float = 0.3)
     return None
 
 
+def niceness() -> dict[str, int]:
+    """The scheduling niceness of the client and of the server's processes (Serve replicas by name)."""
+    out = {"client (this benchmark)": os.nice(0)}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ServeReplica:" in cmd:
+                out[cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]] = os.getpriority(os.PRIO_PROCESS, int(pid))
+            elif "raylet" in cmd and "raylet" not in out:
+                out["raylet"] = os.getpriority(os.PRIO_PROCESS, int(pid))
+        except OSError:
+            continue
+    return out
+
+
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far, by process (Serve replicas by deployment name)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -245,9 +260,6 @@ def main() -> None:
     ap.add_argument("--llm-model", help="another embedded LLM (models.assets.EMBEDDED_LLMS) instead of the profile's")
     ap.add_argument("--llm-threads", type=int, default=1)
     a = ap.parse_args()
-    # The client stands in for a remote participant but shares these 2 cores: run it at the niceness
-    # Ray gives its workers (15) so it neither outranks the server it measures nor is starved by it.
-    os.nice(max(0, 15 - os.nice(0)))
     import httpx
 
     from models.tts import PiperTTS
@@ -262,6 +274,10 @@ def main() -> None:
         if a.llm_model:
             llm = {"backend": "llamacpp", "backend_args": {"model": a.llm_model, "n_parallel": 1, "threads": a.llm_threads}}
         url = start_local_app(key, "sqlite:////tmp/presence-bench.db", llm=llm)
+    # The client stands in for a remote participant but shares these 2 cores: once the server is up (Ray
+    # started from this process at its niceness, as `serve run` from a shell), run the client at the
+    # niceness Ray gives its workers (15), so it neither outranks the server it measures nor is starved.
+    os.nice(max(0, 15 - os.nice(0)))
     persona_id = httpx.post(f"{url}/v2/personas", json=PERSONA, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
@@ -276,7 +292,7 @@ def main() -> None:
                         "conversations with mid-turn pauses and barge-ins)",
               "target": {"p50_ms": 1500, "p95_ms": 2500, "late_vs_early": 1.2, "bargein_p50_ms": 300,
                          "cut_ins_per_12": 1},
-              **summarize(sessions, cpu, wall), "sessions_detail": sessions,
+              **summarize(sessions, cpu, wall), "niceness": niceness(), "sessions_detail": sessions,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "wall_s": round(wall, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))

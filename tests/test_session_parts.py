@@ -212,7 +212,7 @@ def test_prompt_prefix_is_stable_while_perception_changes():
 
 
 def test_the_prompt_prefix_is_prefilled_when_it_changes():
-    """The session warms the LLM's prompt cache with the conversation prefix (at the start: `run()`),
+    """The session warms the LLM's prompt cache with the conversation prefix (at the start: `start()`),
     after each reply, with what was heard, and when the client changes the context; a dead LLM only
     skips it."""
     models = Models(reply="We open at nine. See you then.", clause_s=0.3)
@@ -220,7 +220,7 @@ def test_the_prompt_prefix_is_prefilled_when_it_changes():
     async def run():
         s = make_session(models)
         player = asyncio.ensure_future(play_audio(s))
-        s.prefill.request()  # what run() does once the peer is connected
+        s.prefill.request()  # what start() does with the SDP answer
         await asyncio.wait_for(_until(lambda: len(models.prefills) == 1), 2)
         assert [m["role"] for m in models.prefills[0]] == ["system"]
         await speak(s.listener.feed, 0.5)

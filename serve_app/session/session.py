@@ -81,7 +81,10 @@ class Session:
     # --- lifetime --------------------------------------------------------------------------------
     async def start(self) -> str:
         """The SDP answer to the spec's offer (raises transport.BadOffer)."""
-        return await self.transport.answer(self.spec.offer_sdp, self.audio_out, self.video_out)
+        answer = await self.transport.answer(self.spec.offer_sdp, self.audio_out, self.video_out)
+        # Persona and facts into the LLM's prompt cache while ICE connects (seconds of prompt on a CPU).
+        self.prefill.request()
+        return answer
 
     def _on_track(self, track) -> None:
         self.tasks.spawn(self._listen(track) if track.kind == "audio" else self.perceiver.run(track))
@@ -99,7 +102,6 @@ class Session:
         except TimeoutError:
             return await self.shutdown(ShutdownReason.PARTICIPANT_ABSENT)
         self.emit(Event.REPLICA_JOINED)
-        self.prefill.request()  # persona and facts into the LLM's prompt cache before the first question
         self.tasks.spawn(self.holding.prepare())  # while TTS is up: it may be the stage that dies later
         if self.spec.custom_greeting:
             self.say(self.spec.custom_greeting)
