@@ -226,6 +226,34 @@ def test_embedded_llm_streams_a_reply():
     assert isinstance(end, StreamEnd) and end.finish_reason in ("length", "stop")
 
 
+def test_embedded_llm_prefill_warms_the_prompt_cache():
+    """LLM.prefill on llama.cpp: the conversation prefix is processed once (n_predict 0); the same prefix
+    again costs ~nothing, and the reply after it reads only the new user message."""
+    import asyncio
+
+    from models.llm import EmbeddedLlamaCpp, GenerationParams, prefix_text, with_next_user
+
+    llm = EmbeddedLlamaCpp(n_parallel=1)
+    prefix = build_messages("You are Maya, a receptionist.", "Open 8 am to 6 pm.\nParking behind the building.",
+                            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}])
+
+    async def run():
+        first = await llm.prefill(prefix)
+        again = await llm.prefill(prefix)
+        pieces = [p async for p in llm.stream(prefix + [{"role": "user", "content": "When do you open?"}],
+                                              GenerationParams(max_tokens=4))]
+        await llm.aclose()
+        return first, again, pieces
+
+    first, again, pieces = asyncio.run(run())
+    assert first > 40 and again <= 2
+    assert any(isinstance(p, str) and p.strip() for p in pieces)
+    rendered = "<|im_start|>user\n" + with_next_user([])[0]["content"] + "<|im_end|>"
+    assert prefix_text(rendered) == "<|im_start|>user\n"
+    with pytest.raises(ValueError):
+        prefix_text("a template that dropped the message")
+
+
 def test_context_window_jumps_instead_of_sliding():
     from models.llm import context_start
 
