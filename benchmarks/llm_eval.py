@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.clinic import PERSONA, QUESTIONS, Question
-from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages
+from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages, split_sentences
 from serve_app.session.context import LLMContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ async def reply_to(llm: EmbeddedLlamaCpp, messages: list[dict], params: Generati
 
 
 def _sentences(text: str) -> list[str]:
-    return [" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return [" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in split_sentences(text)]
 
 
 async def evaluate(name: str, threads: int = 1, temperature: float | None = None) -> dict:

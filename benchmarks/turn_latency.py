@@ -101,18 +101,32 @@ def silent_from(audio: list[tuple[float, float]], t: float, hold_s: float = 0.3)
     return None
 
 
+def _processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every process still readable in /proc."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out.append((int(pid), Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            continue
+    return out
+
+
+def _replica(cmd: str) -> str | None:
+    """A Serve replica's deployment name from its command line (None for other processes)."""
+    return cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1] if "ServeReplica:" in cmd else None
+
+
 def niceness() -> dict[str, int]:
     """The scheduling niceness of the client and of the server's processes (Serve replicas by name)."""
     out = {"client (this benchmark)": os.nice(0)}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "ServeReplica:" in cmd:
-                out[cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]] = os.getpriority(os.PRIO_PROCESS, int(pid))
-            elif "raylet" in cmd and "raylet" not in out:
-                out["raylet"] = os.getpriority(os.PRIO_PROCESS, int(pid))
-        except OSError:
-            continue
+    for pid, cmd in _processes():
+        name = _replica(cmd) or ("raylet" if "raylet" in cmd and "raylet" not in out else None)
+        if name is not None:
+            try:
+                out[name] = os.getpriority(os.PRIO_PROCESS, pid)
+            except OSError:
+                continue
     return out
 
 
@@ -120,19 +134,17 @@ def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far, by process (Serve replicas by deployment name)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid, cmd in _processes():
+        if (name := _replica(cmd)) is None:
+            if pid == os.getpid():
+                name = "client (this benchmark)"
+            elif cmd.startswith("ray::") or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+                name = "ray (controller, proxy, raylet, gcs)"
+            else:
+                continue
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if "ServeReplica:" in cmd:
-            name = cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
-        elif int(pid) == os.getpid():
-            name = "client (this benchmark)"
-        elif cmd.startswith("ray::") or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-            name = "ray (controller, proxy, raylet, gcs)"
-        else:
             continue
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out

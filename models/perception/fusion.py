@@ -146,7 +146,7 @@ class PerceptionState:
     description: str  # face + voice + words, for the LLM
     # Worth telling the LLM: anything but the everyday calm, attentive look (an emotion, looking away,
     # absent, eyes closed, words and face disagreeing). The voice's part is judged by the session.
-    notable: bool = True
+    notable: bool
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}

@@ -120,17 +120,27 @@ def analyse(audio16k: np.ndarray, transcript: str = "") -> Prosody:
     )
 
 
-def describe(p: Prosody) -> str:
-    """One sentence for the LLM context and the utterance event."""
-    if p.voiced_s < 0.2:
-        return "The user's voice was too short or too quiet to read."
-    rate = "quickly" if p.syllables_per_s > 6.5 else "slowly" if p.syllables_per_s < 4.8 else "at an even pace"
+_EVEN_PACE = "at an even pace"
+
+
+def _traits(p: Prosody) -> tuple[str, str, str, str, str, str]:
+    """What a listener hears in the voice: rate, level, melody, a rising end, pauses, hesitation ("" where
+    nothing stands out; the rate is always said)."""
+    rate = "quickly" if p.syllables_per_s > 6.5 else "slowly" if p.syllables_per_s < 4.8 else _EVEN_PACE
     level = "loudly" if p.energy_db > -14 else "quietly" if p.energy_db < -36 else ""
     melody = ("with a lively, varied pitch" if p.pitch_range_st > 11 else
               "in a flat, monotone voice" if p.pitch_range_st < 4 else "")
     ending = ", and their pitch rose at the end" if p.pitch_slope_st > 2.0 else ""
     pauses = " with long pauses" if p.pause_ratio > 0.3 or p.pauses >= 3 else ""
     hesitant = ", and sounded hesitant" if p.fillers >= 2 or (p.pauses >= 2 and p.syllables_per_s < 4.8) else ""
+    return rate, level, melody, ending, pauses, hesitant
+
+
+def describe(p: Prosody) -> str:
+    """One sentence for the LLM context and the utterance event."""
+    if p.voiced_s < 0.2:
+        return "The user's voice was too short or too quiet to read."
+    rate, level, melody, ending, pauses, hesitant = _traits(p)
     parts = " and ".join(x for x in (rate, level) if x) + (" " + melody if melody else "")
     return f"The user spoke {parts}{pauses}{ending}{hesitant}."
 
@@ -140,9 +150,8 @@ def remarkable(p: Prosody) -> bool:
     quiet, lively or flat, a rising end, long pauses, hesitant): something a listener would notice."""
     if p.voiced_s < 0.2:
         return False
-    return (not 4.8 <= p.syllables_per_s <= 6.5 or p.energy_db > -14 or p.energy_db < -36
-            or p.pitch_range_st > 11 or p.pitch_range_st < 4 or p.pitch_slope_st > 2.0
-            or p.pause_ratio > 0.3 or p.pauses >= 3 or p.fillers >= 2)
+    rate, *rest = _traits(p)
+    return rate != _EVEN_PACE or any(rest)
 
 
 @dataclass

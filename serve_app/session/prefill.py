@@ -46,8 +46,6 @@ class PromptPrefill:
             messages = self.context.prefix()
             try:
                 n = await self.llm.prefill.remote(messages, self.endpoint)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return
