@@ -116,6 +116,11 @@ class Received:
     frames: int = 0
     mouth: list[tuple[float, float]] = field(default_factory=list)  # (wall time, mean abs change of mouth box)
     last_frame: np.ndarray | None = None
+    audio_rtp: list[tuple[int, float]] = field(default_factory=list)  # (RTP timestamp, rms) per audio frame
+    video_tracks: int = 0
+    # client video mode, from the avatar channel: (wall time, media time, jaw_open, speaking) per pose
+    poses: list[tuple[float, float, float, bool]] = field(default_factory=list)
+    rtp_origin: int | None = None  # the session's audio RTP timestamp at media time 0
 
 
 class PresenceRTCClient:
@@ -144,6 +149,8 @@ class PresenceRTCClient:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", self._on_message)
+        avatar = self.pc.createDataChannel("avatar", ordered=False, maxRetransmits=0)
+        avatar.on("message", self._on_avatar)
         self.pc.addTrack(self.mic)
         self.pc.addTrack(self.camera)
 
@@ -162,22 +169,43 @@ class PresenceRTCClient:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
         await self.wait_event("system.replica_joined", timeout=timeout)
 
+    def _on_avatar(self, message) -> None:
+        from serve_app.session.pose_stream import read_pose_message
+
+        if isinstance(message, str):
+            self.rx.rtp_origin = json.loads(message)["clock"]["rtp_origin"]
+            return
+        t, pose, speaking = read_pose_message(message)
+        self.rx.poses.append((time.monotonic(), t, float(pose.weights[0]), speaking))
+
     def _on_message(self, message: str) -> None:
         ev = json.loads(message)
         ev["received_at"] = time.monotonic()
         self.events.append(ev)
         self._new_event.set()
 
+    def _rtp_base(self, track) -> int | None:
+        """aiortc's receiver stamps decoded frames with RTP time since its first packet; that packet's RTP
+        timestamp (private to aiortc, read for this scripted client only) turns them back into RTP time."""
+        for receiver in self.pc.getReceivers():
+            if receiver.track is track:
+                return getattr(getattr(receiver, "_RTCRtpReceiver__timestamp_mapper", None), "_origin", None)
+        return None
+
     async def _read_audio(self, track) -> None:
         try:
             while True:
                 frame = await track.recv()
+                base = self._rtp_base(track) or 0
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0
-                self.rx.audio.append((time.monotonic(), float(np.sqrt(np.mean(pcm * pcm)))))
+                rms = float(np.sqrt(np.mean(pcm * pcm)))
+                self.rx.audio.append((time.monotonic(), rms))
+                self.rx.audio_rtp.append(((base + int(frame.pts)) & 0xFFFFFFFF, rms))
         except MediaStreamError:
             return
 
     async def _read_video(self, track) -> None:
+        self.rx.video_tracks += 1
         prev = None
         try:
             while True:

@@ -151,12 +151,12 @@ def cpu_seconds() -> dict[str, float]:
 
 
 async def run_conversation(url: str, key: str, persona_id: str, clips: list[list[np.ndarray]], face: np.ndarray,
-                           gap_s: float) -> dict:
+                           gap_s: float, video_mode: str | None = None) -> dict:
     from benchmarks.rtc_client import FakeCamera, PresenceRTCClient
 
     client = PresenceRTCClient(url, key)
     client.camera = FakeCamera(face, fps=15)
-    await client.create(conversation_name="turn-latency", persona_id=persona_id,
+    await client.create(conversation_name="turn-latency", persona_id=persona_id, video_mode=video_mode,
                         properties={"participant_left_timeout": 0})
     await client.connect()
     await asyncio.sleep(2.0)  # the face is seen, the avatar is idle
@@ -271,6 +271,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turn_latency.json"))
     ap.add_argument("--llm-model", help="another embedded LLM (models.assets.EMBEDDED_LLMS) instead of the profile's")
     ap.add_argument("--llm-threads", type=int, default=1)
+    ap.add_argument("--video-mode", choices=["client", "server"], help="the conversations' video mode (default: the "
+                    "profile's); client: poses on the data channel, no video rendered or sent")
     a = ap.parse_args()
     import httpx
 
@@ -295,11 +297,13 @@ def main() -> None:
     clips = [clips_for(t, tts) for t in SCRIPT]
     face = face_photo()
     cpu0, t0 = cpu_seconds(), time.time()
-    sessions = [asyncio.run(run_conversation(url, key, persona_id, clips, face, a.gap)) for _ in range(a.sessions)]
+    sessions = [asyncio.run(run_conversation(url, key, persona_id, clips, face, a.gap, a.video_mode))
+                for _ in range(a.sessions)]
     wall = time.time() - t0
     cpu1 = cpu_seconds()
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
+              "video_mode": a.video_mode or "profile default",
               "metric": "speech end -> first reply audio at the client (camera on, clinic persona, 12-turn "
                         "conversations with mid-turn pauses and barge-ins)",
               "target": {"p50_ms": 1500, "p95_ms": 2500, "late_vs_early": 1.2, "bargein_p50_ms": 300,

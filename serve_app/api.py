@@ -18,6 +18,7 @@ from models.media import IMAGE_TYPES, VIDEO_TYPES, MediaError, probe_media
 from serve_app import metrics
 from serve_app.db import ConversationRow, PersonaRow, ReplicaRow, Store
 from serve_app.events import ShutdownReason
+from serve_app.heads import HeadFiles
 from serve_app.live import LiveSessions
 from serve_app.schemas import DEFAULT_PERSONA, ConversationIn, ConversationProperties, OfferJSON, PersonaIn, PersonaPatch
 from serve_app.session import SessionSpec
@@ -85,7 +86,8 @@ async def record_fit(store: Store, replica_id: str, response) -> None:
 class Ingress:
     def __init__(self, session_host, trainer=None, api_keys: list[str] | None = None, max_sessions: int = 2,
                  ice_servers: list[dict] | None = None, public_url: str | None = None,
-                 database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0) -> None:
+                 database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0,
+                 head_gaussians: int = 20000) -> None:
         keys = api_keys or [k for k in os.environ.get("PRESENCE_API_KEYS", "").split(",") if k]
         if not keys:
             raise ValueError("no API keys configured: set PRESENCE_API_KEYS or the ingress's api_keys")
@@ -95,6 +97,7 @@ class Ingress:
         self.store = Store(database_url)
         self.trainer = trainer
         self._training: set[asyncio.Task] = set()  # in-flight fits (referenced until they finish)
+        self.heads = HeadFiles(head_gaussians)
         if self.store.get_replica(STOCK_REPLICA) is None:
             self.store.add_replica("Stock", status="ready", data={"stock": True}, replica_id=STOCK_REPLICA)
         # Admission happens at POST /v2/conversations (a slot is reserved), not later at the offer.
@@ -239,6 +242,38 @@ class Ingress:
                 path.unlink(missing_ok=True)
         return Response(status_code=204)
 
+    @app.get("/v2/replicas/{replica_id}/head")
+    async def replica_head(self, replica_id: str, request: Request, v: str | None = None,
+                           x_api_key: str | None = Header(None), authorization: str | None = Header(None)):
+        """The replica's head for the browser's renderer (client video mode; `encode_head`'s format).
+        Authorised by an API key, or by the meeting token of a live conversation with this replica.
+        `v` is the content hash the session announced: with it the response is cacheable for good."""
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if x_api_key is not None:
+            self._auth(x_api_key)
+        else:
+            conv = self.store.conversation_by_token(token) if token else None
+            if conv is None:
+                raise HTTPException(401, "send x-api-key or Authorization: Bearer <meeting_token>")
+            if conv.replica_id != replica_id or conv.status != "active":
+                raise HTTPException(403, "this meeting token is not for a live conversation with that replica")
+        row = self._ready_replica(replica_id)
+        blob = await self._head_blob(row)
+        etag = f'"{blob.version}"'
+        headers = {"ETag": etag, "Vary": "Accept-Encoding",
+                   "Cache-Control": "private, max-age=31536000, immutable" if v == blob.version else "private, no-cache"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        if "gzip" in (request.headers.get("accept-encoding") or ""):
+            return Response(blob.gz, media_type="application/octet-stream", headers={**headers, "Content-Encoding": "gzip"})
+        return Response(blob.raw, media_type="application/octet-stream", headers=headers)
+
+    async def _head_blob(self, row: ReplicaRow):
+        try:
+            return await asyncio.to_thread(self.heads.get, row.replica_id, (row.data or {}).get("head_path"))
+        except (OSError, ValueError) as exc:
+            raise HTTPException(409, f"the replica's head cannot be loaded: {exc}") from exc
+
     # --- conversations -----------------------------------------------------------------------------------
     @app.post("/v2/conversations")
     async def create_conversation(self, body: ConversationIn, request: Request, x_api_key: str | None = Header(None)):
@@ -314,11 +349,15 @@ class Ingress:
         else:
             raise HTTPException(415, "send the SDP offer as application/sdp (or JSON {type: offer, sdp})")
         data = row.data
+        persona = self._persona_model(row.persona_id)
+        head = await self._head_blob(self._ready_replica(row.replica_id or STOCK_REPLICA))
         spec = SessionSpec(
-            conversation_id=conversation_id, offer_sdp=sdp, persona=self._persona_model(row.persona_id),
+            conversation_id=conversation_id, offer_sdp=sdp, persona=persona,
             properties=ConversationProperties.model_validate(data.get("properties", {})),
             conversational_context=data.get("conversational_context", ""), custom_greeting=data.get("custom_greeting"),
-            ice_servers=self.ice_servers, replica_head=self._replica_head(row.replica_id))
+            ice_servers=self.ice_servers, replica_head=self._replica_head(row.replica_id),
+            video_mode=data.get("video_mode") or persona.video_mode, replica_id=row.replica_id or STOCK_REPLICA,
+            head_version=head.version)
         first = await self.sessions.start(spec, row.callback_url)
         if isinstance(first, Response):
             return first

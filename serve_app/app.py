@@ -26,4 +26,4 @@ def build_app(args: dict[str, Any]) -> Application:
     host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}), perception=perception)
     video = args.get("video", {})
     trainer = ReplicaTrainer.bind(gaussians=int(video.get("gaussians", 20000)), **args.get("replicas", {}))
-    return Ingress.bind(host, trainer, **args.get("ingress", {}))
+    return Ingress.bind(host, trainer, head_gaussians=int(video.get("gaussians", 20000)), **args.get("ingress", {}))

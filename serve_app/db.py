@@ -177,6 +177,10 @@ class Store:
     def get_conversation(self, conversation_id: str) -> ConversationRow | None:
         return self._get(ConversationRow, conversation_id)
 
+    def conversation_by_token(self, token: str) -> ConversationRow | None:
+        with self.session() as s:
+            return s.scalars(select(ConversationRow).where(ConversationRow.meeting_token == token)).first()
+
     def list_conversations(self, limit: int, offset: int, status: str | None = None) -> tuple[list[ConversationRow], int]:
         return self._page(ConversationRow, limit, offset, ConversationRow.created_at.desc(),
                           where=(ConversationRow.status == status) if status else None)

@@ -21,6 +21,7 @@ class Event(StrEnum):
     REPLICA_STARTED = "conversation.replica.started_speaking"
     REPLICA_STOPPED = "conversation.replica.stopped_speaking"
     TURN_TIMINGS = "conversation.turn_timings"
+    AVATAR = "conversation.replica.avatar"  # how the client shows the avatar (video mode, head file)
     PERCEPTION = "conversation.perception"
     PERCEPTION_TOOL_CALL = "conversation.perception_tool_call"
     TOOL_CALL = "conversation.tool_call"

@@ -160,7 +160,26 @@ def spoken_text(seg: Segment, at: float) -> str:
     return " ".join(w for w, _, end in seg.words if end <= heard)
 
 
+ORIGIN_FRAMES = 3
+
+
+def sent_rtp_timestamp(sender) -> tuple[int, int] | None:
+    """(RTP timestamp of the last packet `sender` sent, packets sent so far), or None before any.
+
+    aiortc keeps these for its RTCP sender reports but has no public accessor (its getStats() omits
+    them), so this reads RTCRtpSender's private fields; tests/test_client_video.py fails if they move."""
+    count = getattr(sender, "_RTCRtpSender__packet_count", None)
+    ts = getattr(sender, "_RTCRtpSender__rtp_timestamp", None)
+    if not count or ts is None:
+        return None
+    return int(ts), int(count)
+
+
 class AvatarAudioTrack(MediaStreamTrack):
+    """The avatar's voice. Once `sender` (its RTCRtpSender) is set, `rtp_origin` is the RTP timestamp
+    media time 0 maps to (rtp = rtp_origin + t * AUDIO_RATE mod 2^32): the browser uses it to show each
+    animation pose when the audio sample with the same stamp plays (client video mode)."""
+
     kind = "audio"
 
     def __init__(self, clock: MediaClock, playout: SpeechPlayout) -> None:
@@ -169,8 +188,29 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.playout = playout
         self._samples = 0
         self.on_frame: Callable[[float, np.ndarray], None] | None = None
+        self.sender = None
+        self.rtp_origin: int | None = None
+        self._last_pts: int | None = None
+        self._last_count = 0
+        self._candidate: tuple[int, int] = (-1, 0)  # (origin seen, frames in a row)
+
+    def _learn_rtp_origin(self) -> None:
+        # aiortc's sender loop is recv -> encode -> send, so when recv is called again the previous
+        # frame's packet is out: its RTP timestamp minus its pts is the origin. The opus encoder follows
+        # pts (a skip-ahead below included) except on the one frame where pts jumps, so an origin counts
+        # once it has held for ORIGIN_FRAMES frames in a row: the glitch never reaches the browser.
+        sent = sent_rtp_timestamp(self.sender) if self.sender is not None else None
+        if sent is None or self._last_pts is None or sent[1] == self._last_count:
+            return
+        self._last_count = sent[1]
+        origin = (sent[0] - self._last_pts) & 0xFFFFFFFF
+        seen, run = self._candidate
+        self._candidate = (origin, run + 1) if origin == seen else (origin, 1)
+        if self._candidate[1] >= ORIGIN_FRAMES:
+            self.rtp_origin = origin
 
     async def recv(self) -> av.AudioFrame:
+        self._learn_rtp_origin()
         t = self._samples / AUDIO_RATE
         if self.clock.now() - t > 0.2:  # we fell behind (e.g. a stall): skip ahead rather than burst
             self._samples = int(self.clock.now() * AUDIO_RATE) // AUDIO_FRAME * AUDIO_FRAME
@@ -184,6 +224,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         frame.sample_rate = AUDIO_RATE
         frame.pts = self._samples
         frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        self._last_pts = self._samples
         self._samples += AUDIO_FRAME
         return frame
 

@@ -10,6 +10,9 @@ from models.llm import GenerationParams
 
 Level = Literal["low", "medium", "high"]
 Emotion = Literal["neutral", "joy", "sadness", "anger", "surprise"]
+# client: the browser draws the head (fetched once) from animation state on the data channel;
+# server: the session renders and sends a video track. None: the profile's default.
+VideoMode = Literal["client", "server"]
 
 
 class LLMLayer(BaseModel):
@@ -85,6 +88,7 @@ class PersonaIn(BaseModel):
     context: str = Field("", max_length=50000)
     default_replica_id: str | None = Field(None, max_length=64)
     emotion: Emotion = "neutral"
+    video_mode: VideoMode | None = None
     layers: Layers = Field(default_factory=Layers)
 
 
@@ -95,6 +99,7 @@ class PersonaPatch(BaseModel):
     context: str | None = Field(None, max_length=50000)
     default_replica_id: str | None = Field(None, max_length=64)
     emotion: Emotion | None = None
+    video_mode: VideoMode | None = None
     layers: Layers | None = None
 
 
@@ -113,6 +118,7 @@ class ConversationIn(BaseModel):
     conversation_name: str = Field("", max_length=200)
     conversational_context: str = Field("", max_length=50000)
     custom_greeting: str | None = Field(None, max_length=2000)
+    video_mode: VideoMode | None = None  # overrides the persona's
     callback_url: HttpUrl | None = None
     properties: ConversationProperties = Field(default_factory=ConversationProperties)
 

@@ -8,6 +8,7 @@ SDP answer; the rest are the session's events, ending with system.shutdown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -42,6 +43,9 @@ class SessionHost:
         self.width = int(video.get("width", 256))
         self.height = int(video.get("height", 256))
         self.fps = float(video.get("fps", 15))
+        self.video_mode = video.get("mode", "server")  # a conversation's or persona's video_mode overrides it
+        if self.video_mode not in ("client", "server"):
+            raise ValueError(f"video mode {self.video_mode!r}: expected 'client' or 'server'")
         self.head = build_head(int(video.get("gaussians", 20000)))
         self.vad_session = onnx_session(silero_vad_onnx())
         self.backend = video.get("backend", "cpu")
@@ -70,19 +74,14 @@ class SessionHost:
 
     async def run(self, spec: SessionSpec):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
-        try:
-            head_key, head = self._head(spec.replica_head)
-        except (OSError, HeadFileError) as exc:
-            yield {"type": "error", "status": 409, "detail": f"the replica's head cannot be loaded: {exc}"}
-            return
-        if self.batcher is not None:
-            from models.avatar.batching import BatchedRenderer
-
-            if head_key not in self.gpu.keys:
-                self.gpu.add_head(head_key, head)
-            renderer = BatchedRenderer(self.batcher, head=head_key)
-        else:
-            renderer = CPUAvatarRenderer(head, self.width, self.height)
+        spec = dataclasses.replace(spec, video_mode=spec.video_mode or self.video_mode)
+        renderer = None
+        if spec.video_mode == "server":
+            try:
+                renderer = self._renderer(spec.replica_head)
+            except (OSError, HeadFileError) as exc:
+                yield {"type": "error", "status": 409, "detail": f"the replica's head cannot be loaded: {exc}"}
+                return
         session = Session(spec, self.handles, renderer, SileroVAD(self.vad_session), self.fps)
         try:
             answer = await session.start()
@@ -90,7 +89,8 @@ class SessionHost:
             yield {"type": "error", "status": 400, "detail": str(exc)}
             return
         self.sessions[session.cid] = session
-        session.video_out.on_render = self.frame_times.add
+        if session.video_out is not None:
+            session.video_out.on_render = self.frame_times.add
         yield {"type": "answer", "sdp": answer, "replica": self.replica_id}
         runner = asyncio.ensure_future(session.run())
         h = self.handles
@@ -116,6 +116,16 @@ class SessionHost:
             self.sessions.pop(session.cid, None)
             await session.close()
 
+    def _renderer(self, head_path: str | None):
+        head_key, head = self._head(head_path)
+        if self.batcher is not None:
+            from models.avatar.batching import BatchedRenderer
+
+            if head_key not in self.gpu.keys:
+                self.gpu.add_head(head_key, head)
+            return BatchedRenderer(self.batcher, head=head_key)
+        return CPUAvatarRenderer(head, self.width, self.height)
+
     def _head(self, path: str | None) -> tuple[str, Head]:
         """The stock head, or a fitted replica's head file (loaded once per replica process)."""
         if not path:
@@ -127,7 +137,9 @@ class SessionHost:
         return path, self._heads[path]
 
     async def sessions_info(self) -> dict:
-        return {cid: {"turns": s.turns, "frames_sent": s.video_out.frames_sent, "replica": self.replica_id}
+        return {cid: {"turns": s.turns, "video_mode": s.video_mode,
+                      "frames_sent": s.video_out.frames_sent if s.video_out else 0,
+                      "poses_sent": s.poses.sent if s.poses else 0, "replica": self.replica_id}
                 for cid, s in self.sessions.items()}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

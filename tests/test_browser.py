@@ -4,8 +4,10 @@ while the reply plays."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import wave
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -56,6 +58,11 @@ def test_browser_conversation(idle, presence, api_key, tts, tmp_path):
         page = browser.new_page()
         page.goto(f"{presence}/#key={api_key}&autostart=1")
         page.wait_for_function(
+            "() => window.presence.events.some(e => e.event_type === 'conversation.replica.started_speaking')",
+            timeout=90_000)
+        page.wait_for_timeout(700)
+        page.screenshot(path=str(Path(os.environ.get("PRESENCE_SCREENSHOTS", tmp_path)) / "server_mode_speaking.png"))
+        page.wait_for_function(
             "() => window.presence.events.some(e => e.event_type === 'conversation.utterance'"
             " && e.properties.role === 'replica')",
             timeout=90_000)
@@ -79,3 +86,100 @@ def test_browser_conversation(idle, presence, api_key, tts, tmp_path):
     still = [d for t, d in data["mouth"] if t < users[0]["received_at"] - 3000]
     assert len(data["mouth"]) > 20 and moving and still
     assert np.mean(moving) > 1.5 * np.mean(still) + 0.2
+
+
+LONG = ("Hello there, and welcome to the clinic. We open at eight in the morning and close at six, "
+        "every weekday, and on Saturdays we see patients until noon.")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/test.sh (apt-get install chromium)")
+def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
+    """Client video mode: the page fetches the head and draws it with WebGL2 (SwiftShader here) from the
+    poses; the mouth moves with the reply audio (in sync within 45 ms) and is still while listening."""
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.lipsync import lipsync_offset_ms
+
+    question = speech_pcm48k("What is the capital of France?", tts)
+    wav, y4m = tmp_path / "question.wav", tmp_path / "camera.y4m"
+    write_wav(wav, np.concatenate([np.zeros(48000 * 6, np.int16), question, np.zeros(48000 * 30, np.int16)]))
+    write_y4m(y4m)
+    args = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop", f"--use-file-for-fake-video-capture={y4m}",
+            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
+    # The browser stands for the user's own machine: at a lower priority here, so software WebGL (which
+    # takes every core it can get) does not starve the server's real-time audio on this 2-core box.
+    nice_chromium = tmp_path / "chromium"
+    nice_chromium.write_text(f'#!/bin/sh\nexec nice -n 10 {CHROMIUM} "$@"\n')
+    nice_chromium.chmod(0o755)
+    shots = Path(os.environ.get("PRESENCE_SCREENSHOTS", tmp_path))  # benchmarks/results/ for the committed ones
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(nice_chromium), headless=True, args=args)
+        page = browser.new_page(viewport={"width": 900, "height": 800})
+        page.goto(f"{presence}/#key={api_key}&autostart=1&video=client")
+        page.wait_for_function("() => window.presence.head || window.presence.error", timeout=60_000)
+        page.wait_for_function(
+            "() => window.presence.events.some(e => e.event_type === 'conversation.utterance'"
+            " && e.properties.role === 'replica')", timeout=90_000)
+        page.wait_for_timeout(1500)
+        # A long sentence said through the client's own data channel gives lip sync something to measure.
+        page.evaluate("(text) => window.presence.channel.send(JSON.stringify({message_type: 'conversation',"
+                      " event_type: 'conversation.echo', conversation_id: window.presence.conversationId,"
+                      " properties: {text}}))", LONG)
+        n_started = page.evaluate("() => window.presence.events.filter("
+                                  "e => e.event_type === 'conversation.replica.started_speaking').length")
+        page.wait_for_function(f"() => window.presence.events.filter("
+                               f"e => e.event_type === 'conversation.replica.started_speaking').length > {n_started}",
+                               timeout=30_000)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=str(shots / "client_mode_speaking.png"))
+        page.wait_for_function(f"() => window.presence.events.filter("
+                               f"e => e.event_type === 'conversation.replica.stopped_speaking').length > {n_started}",
+                               timeout=60_000)
+        page.wait_for_timeout(1000)
+        data = page.evaluate("""async () => {
+            const stats = [];
+            (await window.presence.pc.getStats()).forEach((s) => {
+                if (s.type === 'inbound-rtp') stats.push({kind: s.kind, packets: s.packetsReceived}); });
+            const p = window.presence;
+            return {events: p.events, audio: p.audioLevels, mouth: p.mouth, open: p.mouthOpen, probe: p.mouthProbe, fps: p.fps,
+                    head: p.head, sync: p.sync, error: p.error, id: p.conversationId, stats,
+                    video: document.getElementById('avatar-canvas').width};
+        }""")
+        browser.close()
+    httpx.post(f"{presence}/v2/conversations/{data['id']}/end", headers={"x-api-key": api_key}, timeout=30)
+    assert data["error"] is None and data["head"]["count"] > 10000 and data["sync"] == "rtp"
+    assert data["video"] >= 500  # drawn at the canvas's own resolution (512 CSS px)
+    assert not [s for s in data["stats"] if s["kind"] == "video" and s["packets"]]  # no video RTP came in
+    print("client-mode fps", data["fps"], "head", data["head"])
+    assert data["fps"] > 0
+    users = [e for e in data["events"] if e["event_type"] == "conversation.utterance" and e["properties"]["role"] == "user"]
+    assert users and "france" in users[0]["properties"]["speech"].lower()
+    started = [e for e in data["events"] if e["event_type"] == "conversation.replica.started_speaking"][-1]
+    stopped = [e for e in data["events"] if e["event_type"] == "conversation.replica.stopped_speaking"][-1]
+    t0, t1 = started["received_at"], stopped["received_at"]
+    moving = [d for t, d in data["mouth"] if t0 + 300 <= t <= t1]
+    shown = data["open"][0][0] + 1000  # the first drawn frame (and the blank canvas before it) excluded
+    still = [d for t, d in data["mouth"] if shown <= t < users[0]["received_at"] - 3000]
+    assert moving and still
+    assert np.mean(moving) > 1.5 * np.mean(still) + 0.2, (np.mean(moving), np.mean(still))
+    # Lip sync as the page saw it: the level of the audio being played out (RTP audio level at playout)
+    # against the jaw the face showed at the same instant (the pose picked by the audio's RTP time,
+    # sampled at 100 Hz; the drawn frames, of which SwiftShader draws a few a second, agree with it).
+    # Measured and printed, not asserted: with Chromium's software WebGL and the whole server on these
+    # two cores it ranged from -10 to +180 ms over runs (tests/test_client_video.py holds the session's
+    # own stamping to +-45 ms on a real aiortc peer). See issue 13's note.
+    window = [(t / 1000, jaw, level) for t, jaw, level, *_ in data["probe"] if t0 - 1000 <= t <= t1 + 1000]
+    mouth = [(t, jaw) for t, jaw, _ in window]
+    try:
+        print("client-mode lip sync (ms, r): RTP audio level", lipsync_offset_ms([(t, lv) for t, _, lv in window], mouth),
+              "AnalyserNode", lipsync_offset_ms([(t / 1000, v) for t, v in data["audio"] if t0 - 1000 <= t <= t1 + 1000],
+                                                mouth), "fps", data["fps"])
+    except ValueError as exc:
+        print("client-mode lip sync not measurable:", exc)
+    drawn = [(t / 1000, v) for t, v, _ in data["open"] if t0 - 1000 <= t <= t1 + 1000]
+    assert len(drawn) >= 5
+    probe_at = np.interp([t for t, _ in drawn], [t for t, _ in mouth], [v for _, v in mouth])
+    assert np.abs(probe_at - [v for _, v in drawn]).mean() < 0.15  # drawn frames show the same jaw

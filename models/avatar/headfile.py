@@ -138,3 +138,73 @@ def load_head(ply_path: str | Path) -> Head:
             full[CHANNELS.index(name)] = deltas[i]
     splats.labels = labels.astype(np.int16)
     return Head(splats=splats, deltas=full, head_weight=head_weight.astype(np.float32))
+
+
+# --- the browser's head file ------------------------------------------------------------------------------
+HEAD_MAGIC = b"PRHD"
+HEAD_FORMAT = "presence-head/1"
+FLAT_RATIO = 0.35  # thinnest axis under this fraction of the widest: a surfel, with a normal
+
+
+def encode_head(head: Head, camera: dict | None = None) -> bytes:
+    """The head as one compact binary for the browser's WebGL renderer (`static/avatar.js`):
+
+        b"PRHD" | u32 header length | header JSON (utf-8, space-padded to 4 bytes) | arrays
+    The header names each array (`arrays`: name, dtype, shape, byte offset from the end of the header):
+        means    float32 (N, 3)      base positions
+        cov      float32 (N, 6)      world covariance xx xy xz yy yz zz (R S S^T R^T)
+        rgba     uint8   (N, 4)      colour and opacity
+        head     float32 (N,)        how much each Gaussian follows the rigid head pose
+        normal   int8    (N, 3)      a flat Gaussian's normal * 127 (zeros when it is not flat): a surfel
+                                     facing away from the camera is behind the surface and is not drawn
+        deltas   float16 (K, N, 3)   rig offsets per unit channel weight, channels in `channels` order
+    plus `channels`, `pivot` and the `camera` framing. Little-endian throughout."""
+    import json
+
+    from models.avatar.gaussians import covariances, quat_to_rotmat
+
+    s = head.splats
+    c = covariances(s.quats, s.scales)
+    axis = np.argmin(s.scales, axis=1)
+    normal = np.take_along_axis(quat_to_rotmat(s.quats), axis[:, None, None].repeat(3, 1), 2)[..., 0]
+    flat = s.scales.min(1) < FLAT_RATIO * s.scales.max(1)
+    normal = np.where(flat[:, None], np.round(normal * 127), 0).astype(np.int8)
+    arrays = {
+        "means": s.means.astype("<f4"),
+        "cov": np.stack([c[:, 0, 0], c[:, 0, 1], c[:, 0, 2], c[:, 1, 1], c[:, 1, 2], c[:, 2, 2]], 1).astype("<f4"),
+        "rgba": np.concatenate([np.clip(s.colors, 0, 1), np.clip(s.opacities, 0, 1)[:, None]], 1).__mul__(255)
+        .round().astype(np.uint8),
+        "head": head.head_weight.astype("<f4"),
+        "normal": normal,
+        "deltas": head.deltas.astype("<f2"),
+    }
+    meta, offset = [], 0
+    for name, a in arrays.items():
+        meta.append({"name": name, "dtype": a.dtype.str.lstrip("<|"), "shape": list(a.shape), "offset": offset})
+        offset += -(-a.nbytes // 4) * 4
+    header = json.dumps({"format": HEAD_FORMAT, "count": len(s), "channels": list(CHANNELS),
+                         "pivot": [float(v) for v in PIVOT], "camera": camera or {}, "arrays": meta}).encode()
+    header += b" " * (-len(header) % 4)
+    body = bytearray(offset)
+    for m, a in zip(meta, arrays.values(), strict=True):
+        body[m["offset"]:m["offset"] + a.nbytes] = a.tobytes()
+    return HEAD_MAGIC + len(header).to_bytes(4, "little") + header + bytes(body)
+
+
+def decode_head(blob: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays of an `encode_head` blob (what the browser reads; tests check it here)."""
+    import json
+
+    if blob[:4] != HEAD_MAGIC or len(blob) < 8:
+        raise HeadFileError("not a Presence head file")
+    n = int.from_bytes(blob[4:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if header.get("format") != HEAD_FORMAT:
+        raise HeadFileError(f"head format {header.get('format')!r}, expected {HEAD_FORMAT}")
+    base = 8 + n
+    out = {}
+    for m in header["arrays"]:
+        dt = np.dtype(m["dtype"]).newbyteorder("<")
+        count = int(np.prod(m["shape"]))
+        out[m["name"]] = np.frombuffer(blob, dt, count, base + m["offset"]).reshape(m["shape"])
+    return header, out

@@ -1,5 +1,5 @@
-"""The avatar's face on the outgoing video track: the animator's pose at each frame's media time,
-rendered (or the last frame reused when nothing visible moved)."""
+"""The avatar's face: the animator's pose at each frame's media time, rendered for the outgoing video
+track (or the last frame reused when nothing visible moved), or sent as animation state (client mode)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class AvatarFace:
     """`yield_cpu()` says a reply is being prepared: the face then renders at YIELD_FPS (the listening
     face barely moves) and the other frames repeat the last one."""
 
-    def __init__(self, renderer: AvatarRenderer, animator: Animator, yield_cpu: Callable[[], bool] = bool) -> None:
+    def __init__(self, renderer: AvatarRenderer | None, animator: Animator, yield_cpu: Callable[[], bool] = bool) -> None:
         self.renderer = renderer
         self.animator = animator
         self.yield_cpu = yield_cpu
@@ -47,9 +47,18 @@ class AvatarFace:
         if timings is not None:
             self._first_frame = (timings, t0)
 
+    def pose(self, t: float) -> Pose:
+        """The face at media time `t`, for a frame rendered here or sent to the browser (client mode)."""
+        pose = self.animator.pose(t)
+        mark = self._first_frame
+        if mark is not None and t >= mark[1]:
+            self._first_frame = None
+            mark[0].mark("first_frame_sent")
+        return pose
+
     def render(self, t: float) -> np.ndarray:
         """The RGB frame for media time `t` (called from the video track's render thread)."""
-        pose = self.animator.pose(t)
+        pose = self.pose(t)
         last = self._last_pose
         if self._last_frame is not None and (
                 (self.yield_cpu() and t - self._last_t < 1.0 / YIELD_FPS)
@@ -59,8 +68,4 @@ class AvatarFace:
         else:
             frame = self.renderer.render(pose).copy()
             self._last_pose, self._last_frame, self._last_t = pose, frame, t
-        mark = self._first_frame
-        if mark is not None and t >= mark[1]:
-            self._first_frame = None
-            mark[0].mark("first_frame_sent")
         return frame

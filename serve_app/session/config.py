@@ -38,6 +38,9 @@ class SessionSpec:
     custom_greeting: str | None = None
     ice_servers: list[dict] = field(default_factory=list)
     replica_head: str | None = None  # a fitted replica's head file (None: the stock head)
+    video_mode: str | None = None  # "client" | "server" as the conversation or persona asks; None: the host's default
+    replica_id: str = "r-stock"
+    head_version: str = ""  # content hash of the head file the browser fetches in client mode
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from serve_app.session.context import LLMContext
 from serve_app.session.control import Control
 from serve_app.session.listener import Listener, UserTurn
 from serve_app.session.perceiver import Perceiver
+from serve_app.session.pose_stream import POSE_HZ, PoseStream
 from serve_app.session.prefill import PromptPrefill
 from serve_app.session.recovery import HoldingPhrases
 from serve_app.session.reply import Reply, ReplyParts, play_speech
@@ -35,7 +36,10 @@ from serve_app.session.transport import Transport
 
 
 class Session:
-    def __init__(self, spec: SessionSpec, handles: Handles, renderer: AvatarRenderer,
+    """`renderer` None: client video mode (spec.video_mode "client"), where the browser draws the face
+    from the poses this session sends, and no video is rendered, encoded or sent here."""
+
+    def __init__(self, spec: SessionSpec, handles: Handles, renderer: AvatarRenderer | None,
                  vad: Callable[[np.ndarray], float], fps: float) -> None:
         self.spec = spec
         self.cid = spec.conversation_id
@@ -53,7 +57,8 @@ class Session:
         self.animator = Animator(emotion=persona.emotion)
         self.face = AvatarFace(renderer, self.animator, yield_cpu=self.preparing_reply)
         self.audio_out = AvatarAudioTrack(self.clock, self.playout)
-        self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps)
+        self.video_mode = "server" if renderer is not None else "client"
+        self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps) if renderer is not None else None
         self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context,
                                   grounded=persona.layers.llm.grounding == "strict")
         self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
@@ -71,6 +76,7 @@ class Session:
                                       self.holding.get)
         self.control = Control(self, self.context, self.emit, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
+        self.poses = PoseStream(self.face, self.clock, self.audio_out, self.transport) if renderer is None else None
 
     def emit(self, event_type: Event, **props: Any) -> None:
         ev = event(self.cid, event_type, **props)
@@ -82,6 +88,10 @@ class Session:
     async def start(self) -> str:
         """The SDP answer to the spec's offer (raises transport.BadOffer)."""
         answer = await self.transport.answer(self.spec.offer_sdp, self.audio_out, self.video_out)
+        self.audio_out.sender = self.transport.audio_sender
+        spec = self.spec
+        self.emit(Event.AVATAR, video_mode=self.video_mode, replica_id=spec.replica_id, head_version=spec.head_version,
+                  head_url=f"/v2/replicas/{spec.replica_id}/head?v={spec.head_version}", pose_hz=POSE_HZ)
         # Persona and facts into the LLM's prompt cache while ICE connects (seconds of prompt on a CPU).
         self.prefill.request()
         return answer
@@ -102,6 +112,8 @@ class Session:
         except TimeoutError:
             return await self.shutdown(ShutdownReason.PARTICIPANT_ABSENT)
         self.emit(Event.REPLICA_JOINED)
+        if self.poses is not None:
+            self.tasks.spawn(self.poses.run())
         self.tasks.spawn(self.holding.prepare())  # while TTS is up: it may be the stage that dies later
         if self.spec.custom_greeting:
             self.say(self.spec.custom_greeting)

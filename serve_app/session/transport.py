@@ -1,5 +1,6 @@
 """The session's WebRTC side: the SDP offer/answer, the user's incoming tracks, the avatar's outgoing
-tracks, and the `events` data channel with a backlog for events emitted before it opens."""
+tracks, the `events` data channel with a backlog for events emitted before it opens, and the `avatar`
+channel (client video mode: animation state, unordered and unreliable, so a late pose is dropped)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 
 log = logging.getLogger("presence.session")
 MAX_BACKLOG = 1000
+AVATAR_CHANNEL = "avatar"
+MAX_AVATAR_BUFFERED = 16 << 10  # bytes queued on the avatar channel before poses are dropped (~7 s of them)
 
 
 class BadOffer(ValueError):
@@ -28,6 +31,8 @@ class Transport:
                  on_message: Callable[[Any], None]) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers]))
         self.channel = None
+        self.avatar_channel = None
+        self.audio_sender = None
         self._backlog: list[dict] = []
         self.connected = asyncio.Event()
         self.left_at: float | None = None
@@ -37,8 +42,9 @@ class Transport:
         self.pc.on("track", on_track)
         self.pc.on("connectionstatechange", self._on_state)
 
-    async def answer(self, offer_sdp: str, audio_out: MediaStreamTrack, video_out: MediaStreamTrack) -> str:
-        """Apply the client's offer; returns the SDP answer (non-trickle: candidates included).
+    async def answer(self, offer_sdp: str, audio_out: MediaStreamTrack, video_out: MediaStreamTrack | None) -> str:
+        """Apply the client's offer; returns the SDP answer (non-trickle: candidates included). With no
+        `video_out` (client video mode) the user's camera is received and no video is sent.
         Raises BadOffer (and closes the peer) when the offer is unusable."""
         if not isinstance(offer_sdp, str) or not offer_sdp.startswith("v=0") or "m=" not in offer_sdp:
             await self.pc.close()
@@ -53,8 +59,13 @@ class Transport:
             raise BadOffer("the offer has no audio section: the user's microphone is required")
         for t in self.pc.getTransceivers():
             out = audio_out if t.kind == "audio" else video_out
+            if out is None:
+                t.direction = "recvonly"
+                continue
             t.sender.replaceTrack(out) if t.sender.track else self.pc.addTrack(out)
             t.direction = "sendrecv"
+            if t.kind == "audio":
+                self.audio_sender = t.sender
         await self.pc.setLocalDescription(await self.pc.createAnswer())  # waits for ICE gathering
         return self.pc.localDescription.sdp
 
@@ -64,6 +75,18 @@ class Transport:
             self._send(ev)
         elif len(self._backlog) < MAX_BACKLOG:
             self._backlog.append(ev)
+
+    def send_avatar(self, data: bytes | str) -> bool:
+        """Send on the avatar channel if it is open and not backed up; False when dropped."""
+        ch = self.avatar_channel
+        if ch is None or ch.readyState != "open" or ch.bufferedAmount > MAX_AVATAR_BUFFERED:
+            return False
+        try:
+            ch.send(data)
+        except Exception:
+            log.debug("avatar channel send failed", exc_info=True)
+            return False
+        return True
 
     def participant_left(self) -> None:
         self.left_at = self.left_at or time.monotonic()
@@ -78,6 +101,9 @@ class Transport:
             log.debug("data channel send failed", exc_info=True)
 
     def _on_datachannel(self, channel) -> None:
+        if channel.label == AVATAR_CHANNEL:
+            self.avatar_channel = channel  # server -> client only
+            return
         self.channel = channel
         channel.on("message", self._on_message)
         backlog, self._backlog = self._backlog, []

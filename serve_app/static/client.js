@@ -1,9 +1,13 @@
-// Presence web client: create or join a conversation, stream mic + camera, play the avatar.
-// window.presence exposes what the page saw (events, reply audio levels, mouth motion) for tests.
-"use strict";
+// Presence web client: create or join a conversation, stream mic + camera, show the avatar: its video
+// track (server video mode) or its head drawn here with WebGL2 from poses on the data channel (client mode).
+// window.presence exposes what the page saw (events, reply audio levels, mouth motion, fps) for tests.
+import { PoseTimeline, SplatRenderer, fetchHead, parseHead } from "./avatar.js";
+
 const $ = (id) => document.getElementById(id);
-const state = { events: [], audioLevels: [], mouth: [], pc: null, conversationId: null, apiKey: null, ended: false };
+const state = { events: [], audioLevels: [], mouth: [], mouthOpen: [], mouthProbe: [], pc: null, conversationId: null, apiKey: null,
+                token: null, ended: false, videoMode: null, head: null, fps: 0, sync: null, error: null };
 window.presence = state;
+const timeline = new PoseTimeline(13);
 
 function hashParams() {
   return new URLSearchParams(location.hash.replace(/^#/, ""));
@@ -33,15 +37,20 @@ function onEvent(ev) {
     }
     case "conversation.perception": $("perception").textContent = "What the avatar sees: " + props.visual; break;
     case "system.replica_joined": setStatus("connected"); break;
+    case "conversation.replica.avatar":
+      state.videoMode = props.video_mode;
+      if (props.video_mode === "client") showClientAvatar(props).catch((e) => { state.error = String(e); setStatus(String(e)); });
+      break;
     case "system.shutdown": setStatus("ended: " + props.shutdown_reason); state.ended = true; break;
   }
 }
 
 async function createConversation(apiKey) {
+  const videoMode = hashParams().get("video");  // "client" | "server"; none: the server's default
   const res = await fetch("/v2/conversations", {
     method: "POST",
     headers: { "content-type": "application/json", "x-api-key": apiKey },
-    body: JSON.stringify({ conversation_name: "web client" }),
+    body: JSON.stringify({ conversation_name: "web client", ...(videoMode ? { video_mode: videoMode } : {}) }),
   });
   if (!res.ok) throw new Error("create failed: " + res.status + " " + (await res.text()));
   return res.json();
@@ -63,16 +72,58 @@ function measureReplyAudio(stream) {
   }, 20);
 }
 
+async function showClientAvatar(props) {
+  const t0 = performance.now();
+  const { buf, cached } = await fetchHead(props.head_url, state.token, props.replica_id + "/" + props.head_version);
+  const head = parseHead(buf);
+  const canvas = $("avatar-canvas");
+  $("avatar").hidden = true;
+  canvas.hidden = false;
+  timeline.channels = head.header.channels.length;
+  const renderer = new SplatRenderer(canvas, head);
+  const jaw = renderer.channelIndex.jaw_open;
+  state.head = { count: head.header.count, bytes: buf.byteLength, cached, load_ms: performance.now() - t0 };
+  measureMouth(canvas);
+  // At 100 Hz, apart from drawing (software WebGL may draw only a few frames a second): the jaw the face
+  // shows now, and the level of the audio being played out now (the RTP audio-level of the packet at
+  // playout; the AnalyserNode's level comes through WebAudio's own buffering, which the listener does
+  // not hear). The page's lip-sync measurement compares the two.
+  setInterval(() => {
+    const pose = timeline.current();
+    const src = timeline.receiver ? timeline.receiver.getSynchronizationSources()[0] : null;
+    if (pose) state.mouthProbe.push([performance.now(), pose.w[jaw], src && src.audioLevel !== undefined ? src.audioLevel : -1]);
+    if (state.mouthProbe.length > 30000) state.mouthProbe.shift();
+  }, 10);
+  let last = performance.now(), frames = 0;
+  const frame = () => {
+    const pose = timeline.current();
+    if (pose) {
+      renderer.draw(pose);
+      state.sync = timeline.sync;
+      state.mouthOpen.push([performance.now(), pose.w[jaw], pose.t]);
+      if (state.mouthOpen.length > 20000) state.mouthOpen.shift();
+      frames++;
+    }
+    const now = performance.now();
+    if (now - last >= 1000) { state.fps = frames * 1000 / (now - last); frames = 0; last = now;
+      $("fps").textContent = state.fps.toFixed(1) + " fps (drawn here, " + canvas.width + "×" + canvas.height + ")"; }
+    if (!state.ended) requestAnimationFrame(frame);
+  };
+  requestAnimationFrame(frame);
+}
+
 function measureMouth(video) {
   // Mean absolute change of the mouth region between samples: lips moving with speech show up here.
+  // `video` is the avatar's <video> (server mode) or its WebGL canvas (client mode).
   const canvas = document.createElement("canvas");
   const w = 64, h = 64;
   canvas.width = w; canvas.height = h;
   const g = canvas.getContext("2d", { willReadFrequently: true });
   let prev = null;
   setInterval(() => {
-    if (video.readyState < 2 || !video.videoWidth) return;
-    const vw = video.videoWidth, vh = video.videoHeight;
+    const isVideo = video instanceof HTMLVideoElement;
+    if (isVideo && (video.readyState < 2 || !video.videoWidth)) return;
+    const vw = isVideo ? video.videoWidth : video.width, vh = isVideo ? video.videoHeight : video.height;
     g.drawImage(video, vw * 0.35, vh * 0.5, vw * 0.3, vh * 0.2, 0, 0, w, h);
     const px = g.getImageData(0, 0, w, h).data;
     if (prev) {
@@ -87,6 +138,7 @@ function measureMouth(video) {
 
 async function join(conversationId, token) {
   state.conversationId = conversationId;
+  state.token = token;
   setStatus("asking for camera and microphone…");
   const local = await navigator.mediaDevices.getUserMedia({
     audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
@@ -98,12 +150,20 @@ async function join(conversationId, token) {
   const channel = pc.createDataChannel("events");
   state.channel = channel;
   channel.onmessage = (m) => onEvent(JSON.parse(m.data));
+  // Client video mode: poses, unordered and unreliable (a late pose is worth nothing).
+  const avatar = pc.createDataChannel("avatar", { ordered: false, maxRetransmits: 0 });
+  avatar.binaryType = "arraybuffer";
+  avatar.onmessage = (m) => timeline.onMessage(m.data);
   for (const track of local.getTracks()) pc.addTrack(track, local);
   const remote = new MediaStream();
   pc.ontrack = (e) => {
     remote.addTrack(e.track);
     if (e.track.kind === "video") { $("avatar").srcObject = new MediaStream([e.track]); measureMouth($("avatar")); }
-    else { $("voice").srcObject = new MediaStream([e.track]); measureReplyAudio(new MediaStream([e.track])); }
+    else {
+      timeline.receiver = e.receiver;  // its RTP timestamps say which pose to show
+      $("voice").srcObject = new MediaStream([e.track]);
+      measureReplyAudio(new MediaStream([e.track]));
+    }
   };
   pc.onconnectionstatechange = () => { if (pc.connectionState !== "connected") setStatus(pc.connectionState); };
   await pc.setLocalDescription(await pc.createOffer());

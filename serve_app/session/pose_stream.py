@@ -1,0 +1,72 @@
+"""Client video mode: the avatar's animation state, not its pixels. At POSE_HZ the face's pose for the
+current media time goes to the browser on the `avatar` data channel, stamped with that media time; the
+browser shows it when the audio sample with the same stamp plays (it maps RTP timestamps to media time
+with the `clock` message, sent again whenever the mapping changes)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from models.avatar.head import CHANNELS
+from models.avatar.render import Pose
+from serve_app.media import AUDIO_RATE, AvatarAudioTrack, MediaClock
+from serve_app.session.avatar import AvatarFace
+from serve_app.session.transport import Transport
+
+POSE_HZ = 30.0
+# little-endian: f64 media time, f32 yaw pitch roll speaking, f32 per rig channel (CHANNELS order)
+POSE_FORMAT = struct.Struct(f"<d4f{len(CHANNELS)}f")
+
+
+def pose_message(t: float, pose: Pose, speaking: bool) -> bytes:
+    """One pose as the browser reads it (76 bytes)."""
+    return POSE_FORMAT.pack(t, pose.yaw, pose.pitch, pose.roll, 1.0 if speaking else 0.0, *pose.weights.tolist())
+
+
+def read_pose_message(data: bytes) -> tuple[float, Pose, bool]:
+    """The inverse of `pose_message` (tests and scripted clients)."""
+    import numpy as np
+
+    v = POSE_FORMAT.unpack(data)
+    return v[0], Pose(weights=np.array(v[5:], np.float32), yaw=v[1], pitch=v[2], roll=v[3]), v[4] > 0.5
+
+
+def clock_message(rtp_origin: int) -> str:
+    return json.dumps({"clock": {"rtp_origin": rtp_origin, "rate": AUDIO_RATE}})
+
+
+class PoseStream:
+    """Sends the face's poses while the session lives (`run`); `sent` counts them."""
+
+    def __init__(self, face: AvatarFace, clock: MediaClock, audio: AvatarAudioTrack, transport: Transport,
+                 hz: float = POSE_HZ) -> None:
+        self.face = face
+        self.clock = clock
+        self.audio = audio
+        self.transport = transport
+        self.hz = hz
+        self.sent = 0
+        self._origin_sent: int | None = None
+
+    async def run(self) -> None:
+        index = int(self.clock.now() * self.hz) + 1
+        while True:
+            t = index / self.hz
+            now = self.clock.now()
+            if now - t > 2 / self.hz:  # the loop stalled: go on from now, not in a burst
+                index = int(now * self.hz) + 1
+                t = index / self.hz
+            await self.clock.sleep_until(t)
+            self.send(t)
+            index += 1
+
+    def send(self, t: float) -> None:
+        origin = self.audio.rtp_origin
+        # Again every ~0.5 s as well: the channel is unreliable, and the face waits for the mapping.
+        if origin is not None and (origin != self._origin_sent or self.sent % 15 == 0) \
+                and self.transport.send_avatar(clock_message(origin)):
+            self._origin_sent = origin
+        pose = self.face.pose(t)
+        if self.transport.send_avatar(pose_message(t, pose, self.face.animator.is_speaking(t))):
+            self.sent += 1
