@@ -84,10 +84,13 @@ def delivered(client) -> int:
     return client.rx.frames + len(client.rx.poses)
 
 
-async def one_session(url: str, key: str, users: Users, turns: int, offset_s: float, mode: str) -> dict:
+async def one_session(url: str, key: str, users: Users, turns: int, offset_s: float, mode: str,
+                      seen: dict | None = None) -> dict:
     from benchmarks.rtc_client import FakeCamera, PresenceRTCClient
 
     client = PresenceRTCClient(url, key)
+    if seen is not None:
+        seen["client"] = client  # what a session that never finishes had got, for its error
     client.camera = FakeCamera(users.face, fps=15)
     clips = users.clips
     rows: list[dict] = []
@@ -142,10 +145,14 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
     sampler = asyncio.ensure_future(sample_memory())
     t0 = time.monotonic()
     async def bounded(i: int) -> dict:  # a hung session is a failed one, never a hung benchmark
+        seen: dict = {}
         try:
-            return await asyncio.wait_for(one_session(url, key, users, turns, 0.7 * i, mode), timeout=60 + 100 * turns)
+            return await asyncio.wait_for(one_session(url, key, users, turns, 0.7 * i, mode, seen),
+                                          timeout=60 + 100 * turns)
         except TimeoutError:
-            return {"turns": [], "fps": 0.0, "error": "session did not finish in time"}
+            client = seen.get("client")
+            kinds = [e["event_type"] for e in client.events] if client is not None else []
+            return {"turns": [], "fps": 0.0, "error": "session did not finish in time", "events_seen": kinds}
 
     results = await asyncio.gather(*(bounded(i) for i in range(sessions)))
     wall = time.monotonic() - t0
@@ -165,6 +172,7 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
         "rss_mb": round(all_rss, 1), "session_host_rss_mb": round(host_rss, 1),
         "rss_mb_per_session": round(host_rss / sessions, 1) if sessions else None,
         "wall_s": round(wall, 1), "errors": [r["error"] for r in results if r["error"]],
+        "hung_sessions_events": [r["events_seen"] for r in results if "events_seen" in r],
     }
 
 
