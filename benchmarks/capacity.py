@@ -187,7 +187,7 @@ def analyse(steps: list[dict], slo_ms: float, target_fps: float) -> dict:
     return {"sessions_at_slo": at_slo, "knee_sessions": knee}
 
 
-def recommend(at_slo: int, steps: list[dict]) -> dict:
+def recommend(at_slo: int) -> dict:
     """SessionHost settings for this box: one session per replica process (each has its own GIL, media
     loop and renderer, which keeps one session's render from stalling another's audio), as many
     replicas as the box holds sessions at the SLO."""
@@ -310,7 +310,7 @@ def main() -> None:
         "metric": "speech end -> first reply audio at the client", "turns_per_session": a.turns,
         "clients": "camera showing a face (matplotlib's Grace Hopper), clinic persona (benchmarks/clinic.py)",
         "sessions_at_slo": {m: v["sessions_at_slo"] for m, v in modes.items()},
-        "recommendation": recommend(best, []), "modes": modes,
+        "recommendation": recommend(best), "modes": modes,
         "machine": {"cpus": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version()},
     }
     result["plots"] = plots(modes, a.slo_ms, out)

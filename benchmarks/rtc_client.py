@@ -193,14 +193,15 @@ class PresenceRTCClient:
         return None
 
     async def _read_audio(self, track) -> None:
+        base = None
         try:
             while True:
                 frame = await track.recv()
-                base = self._rtp_base(track) or 0
+                base = base if base is not None else self._rtp_base(track)  # fixed from the first packet on
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0
                 rms = float(np.sqrt(np.mean(pcm * pcm)))
                 self.rx.audio.append((time.monotonic(), rms))
-                self.rx.audio_rtp.append(((base + int(frame.pts)) & 0xFFFFFFFF, rms))
+                self.rx.audio_rtp.append((((base or 0) + int(frame.pts)) & 0xFFFFFFFF, rms))
         except MediaStreamError:
             return
 

@@ -193,11 +193,12 @@ class Ingress:
             raise HTTPException(404, f"persona {persona_id} not found")
         return Response(status_code=204)
 
-    def _replica_head(self, replica_id: str | None) -> str | None:
+    def _available_replica(self, replica_id: str | None) -> ReplicaRow:
+        """The conversation's replica at join time (409: deleted or no longer ready since creation)."""
         replica = self.store.get_replica(replica_id or STOCK_REPLICA)
         if replica is None or replica.status != "ready":
             raise HTTPException(409, f"replica {replica_id} is no longer available")
-        return (replica.data or {}).get("head_path")
+        return replica
 
     # --- replicas --------------------------------------------------------------------------------------
     @app.post("/v2/replicas", status_code=200)
@@ -350,13 +351,14 @@ class Ingress:
             raise HTTPException(415, "send the SDP offer as application/sdp (or JSON {type: offer, sdp})")
         data = row.data
         persona = self._persona_model(row.persona_id)
-        head = await self._head_blob(self._ready_replica(row.replica_id or STOCK_REPLICA))
+        replica = self._available_replica(row.replica_id)
+        head = await self._head_blob(replica)
         spec = SessionSpec(
             conversation_id=conversation_id, offer_sdp=sdp, persona=persona,
             properties=ConversationProperties.model_validate(data.get("properties", {})),
             conversational_context=data.get("conversational_context", ""), custom_greeting=data.get("custom_greeting"),
-            ice_servers=self.ice_servers, replica_head=self._replica_head(row.replica_id),
-            video_mode=data.get("video_mode") or persona.video_mode, replica_id=row.replica_id or STOCK_REPLICA,
+            ice_servers=self.ice_servers, replica_head=(replica.data or {}).get("head_path"),
+            video_mode=data.get("video_mode") or persona.video_mode, replica_id=replica.replica_id,
             head_version=head.version)
         first = await self.sessions.start(spec, row.callback_url)
         if isinstance(first, Response):

@@ -14,7 +14,6 @@ from models.avatar.camera import portrait_camera
 from models.avatar.head import build_head
 from models.avatar.headfile import encode_head, load_head
 
-FOV_Y_DEG = 30.0  # portrait_camera's default: the browser frames the head exactly as the server renders it
 MAX_CACHED = 16
 
 
@@ -26,8 +25,10 @@ class HeadBlob:
 
 
 def camera_json() -> dict:
+    """The server's framing (portrait_camera), so the browser frames the head exactly as it renders it."""
     cam = portrait_camera(512, 512)
-    return {"viewmat": [float(v) for v in np.asarray(cam.viewmat).ravel()], "fov_y_deg": FOV_Y_DEG}
+    fov_y = np.degrees(2 * np.arctan(0.5 * cam.height / cam.fy))
+    return {"viewmat": [float(v) for v in np.asarray(cam.viewmat).ravel()], "fov_y_deg": round(float(fov_y), 6)}
 
 
 class HeadFiles:

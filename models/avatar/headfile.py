@@ -172,7 +172,7 @@ def encode_head(head: Head, camera: dict | None = None) -> bytes:
     arrays = {
         "means": s.means.astype("<f4"),
         "cov": np.stack([c[:, 0, 0], c[:, 0, 1], c[:, 0, 2], c[:, 1, 1], c[:, 1, 2], c[:, 2, 2]], 1).astype("<f4"),
-        "rgba": np.concatenate([np.clip(s.colors, 0, 1), np.clip(s.opacities, 0, 1)[:, None]], 1).__mul__(255)
+        "rgba": (np.concatenate([np.clip(s.colors, 0, 1), np.clip(s.opacities, 0, 1)[:, None]], 1) * 255)
         .round().astype(np.uint8),
         "head": head.head_weight.astype("<f4"),
         "normal": normal,

@@ -233,10 +233,28 @@ export class SplatRenderer {
     this._textures(arrays);
     this._buffers();
     this.depth = new Float32Array(this.n);
-    this.order = null; // set by _buffers: the texture's data
     this.counts = new Uint32Array(65536);
     this.keys = new Uint16Array(this.n);
+    this.weights = new Float32Array(16);
     this.frames = 0;
+    this._constantUniforms();
+  }
+
+  /** Texture units, the rig's size, the camera and the background: set once; `draw` sets the rest. */
+  _constantUniforms() {
+    const gl = this.gl;
+    this.loc = Object.fromEntries(["u_w", "u_R", "u_focal", "u_size"].map((n) => [n, gl.getUniformLocation(this.prog, n)]));
+    const u = (name) => gl.getUniformLocation(this.prog, name);
+    gl.useProgram(this.prog);
+    ["u_mean", "u_covA", "u_covB", "u_color", "u_delta", "u_order", "u_normal"].forEach((name, i) => gl.uniform1i(u(name), i));
+    gl.uniform1i(u("u_rows"), this.rows);
+    gl.uniform1i(u("u_channels"), this.channels);
+    gl.uniform3fv(u("u_pivot"), this.pivot);
+    gl.uniformMatrix4fv(u("u_view"), true, this.view);
+    gl.uniform3fv(u("u_eye"), this.eye);
+    gl.useProgram(this.bgProg);
+    gl.uniform3fv(gl.getUniformLocation(this.bgProg, "u_bg"), BACKGROUND);
+    gl.useProgram(null);
   }
 
   _texture(unit, internal, format, type, data, height) {
@@ -350,24 +368,16 @@ export class SplatRenderer {
     gl.enable(gl.BLEND);
     gl.blendFuncSeparate(gl.ONE_MINUS_DST_ALPHA, gl.ONE, gl.ONE_MINUS_DST_ALPHA, gl.ONE); // front to back
     gl.useProgram(this.prog);
-    const u = (name) => gl.getUniformLocation(this.prog, name);
-    ["u_mean", "u_covA", "u_covB", "u_color", "u_delta", "u_order", "u_normal"].forEach((name, i) => gl.uniform1i(u(name), i));
-    gl.uniform1i(u("u_rows"), this.rows);
-    gl.uniform1i(u("u_channels"), this.channels);
-    const w = new Float32Array(16);
+    const loc = this.loc, w = this.weights;
     w.set(pose.w.subarray ? pose.w.subarray(0, this.channels) : pose.w);
-    gl.uniform1fv(u("u_w"), w);
-    gl.uniformMatrix3fv(u("u_R"), true, R);
-    gl.uniform3fv(u("u_pivot"), this.pivot);
-    gl.uniformMatrix4fv(u("u_view"), true, this.view);
-    gl.uniform3fv(u("u_eye"), this.eye);
+    gl.uniform1fv(loc.u_w, w);
+    gl.uniformMatrix3fv(loc.u_R, true, R);
     const f = 0.5 * H / Math.tan(this.fov / 2);
-    gl.uniform2f(u("u_focal"), f, f);
-    gl.uniform2f(u("u_size"), W, H);
+    gl.uniform2f(loc.u_focal, f, f);
+    gl.uniform2f(loc.u_size, W, H);
     gl.bindVertexArray(this.vao);
     gl.drawElements(gl.TRIANGLES, 6 * this.n, gl.UNSIGNED_INT, 0);
     gl.useProgram(this.bgProg);  // the background shows through what the splats left uncovered
-    gl.uniform3fv(gl.getUniformLocation(this.bgProg, "u_bg"), BACKGROUND);
     gl.bindVertexArray(this.bgVao);
     gl.drawArrays(gl.TRIANGLE_STRIP, 0, 4);
     gl.bindVertexArray(null);
