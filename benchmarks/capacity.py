@@ -277,7 +277,7 @@ def main() -> None:
     from models.tts import PiperTTS
 
     key, n = "capacity", max(steps)
-    host_auto = {"autoscaling_config": {"min_replicas": 1, "max_replicas": n, "metrics_interval_s": 0.5,
+    host_auto = {"max_queued_requests": n, "autoscaling_config": {"min_replicas": 1, "max_replicas": n, "metrics_interval_s": 0.5,
                                         "look_back_period_s": 5, "upscale_delay_s": 1, "downscale_delay_s": 5,
                                         "policy": {"policy_function": "autoscaling.policy:SessionHostPolicy",
                                                    "policy_kwargs": {"target_sessions_per_replica": 1}}}}

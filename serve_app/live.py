@@ -77,16 +77,10 @@ class LiveSessions:
                 self._reserved[cid] = reserved
             return self.capacity_response()
         self._starting += 1
-        gen = None
         try:
-            gen = self.host.options(stream=True).run.remote(spec)
-            first = await asyncio.wait_for(gen.__anext__(), timeout=self.answer_timeout_s)
+            first, gen = await asyncio.wait_for(self._first_item(spec), timeout=self.answer_timeout_s)
         except Exception as exc:  # no host took it: a clean 503, never a 500
-            if gen is not None:
-                gen.cancel()
-            if isinstance(exc, BackPressureError) or "backpressure" in str(exc).lower():
-                why = "every SessionHost replica and its queue are full"
-            elif isinstance(exc, (TimeoutError, StopAsyncIteration)):
+            if isinstance(exc, (TimeoutError, StopAsyncIteration)):
                 why = "no session host answered in time"
             else:
                 log.warning("session host failed to start %s: %r", cid, exc)
@@ -100,6 +94,22 @@ class LiveSessions:
             metrics.LIVE_SESSIONS.set(len(self.live))
             entry.task = asyncio.ensure_future(self._consume(cid, entry, callback_url))
         return first
+
+    async def _first_item(self, spec: SessionSpec) -> tuple[dict, Any]:
+        """Start the host call and wait for its first item. The ingress has admitted the session (a
+        slot is free), so a full handle queue means replicas are still starting during a ramp: wait
+        for room instead of refusing a user the autoscaler is about to serve (answer_timeout_s bounds it)."""
+        delay = 0.25
+        while True:
+            gen = self.host.options(stream=True).run.remote(spec)
+            try:
+                return await gen.__anext__(), gen
+            except BaseException as exc:
+                gen.cancel()
+                if not _backpressure(exc):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def _consume(self, cid: str, entry: LiveSession, callback_url: str | None) -> None:
         reason = None
@@ -159,3 +169,7 @@ class LiveSessions:
             await asyncio.wait_for(asyncio.shield(entry.task), timeout=10)
         except (TimeoutError, asyncio.CancelledError):
             pass
+
+
+def _backpressure(exc: BaseException) -> bool:
+    return isinstance(exc, BackPressureError) or "backpressure" in str(exc).lower()
