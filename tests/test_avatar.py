@@ -244,3 +244,42 @@ def test_frame_batcher_batches_sessions_and_keeps_frames_apart():
     except RuntimeError as exc:
         assert "device lost" in str(exc)
     failing.close()
+
+
+def test_face_shows_speech_blinks_and_emotions():
+    """Measured from pixels at 512^2, as benchmarks/render.py reports them: an open vowel shows the
+    mouth interior and teeth, p/b/m close the lips, a blink closes the lids over the eyes, and the
+    project's own face perception names the emotion the avatar shows."""
+    from models.avatar.animate import VISEMES
+    from models.avatar.face_metrics import EYE, MOUTH_INTERIOR, PartCoverage, emotion_readback
+
+    head = build_head(20000)
+    cover = PartCoverage(head, 512, 512)
+    rest = cover.area(Pose(), MOUTH_INTERIOR)
+    aa = Pose().set(**VISEMES["aa"])
+    assert cover.area(aa, MOUTH_INTERIOR) >= 4 * max(rest, 1) and cover.area(aa, ("teeth",)) > 100
+    assert cover.area(Pose().set(**VISEMES["PP"]), MOUTH_INTERIOR) == 0
+    open_px = cover.area(Pose(), EYE, threshold=0.2)
+    assert open_px > 1000  # both eyes are in the picture
+    assert cover.area(Pose().set(blink_l=1.0, blink_r=1.0), EYE, threshold=0.2) <= 0.05 * open_px
+    # Part maps come from the same renderer as the video: their coverage adds up where the head is.
+    skin, eye, rest_of_head = cover(Pose(), ("skin",), EYE, tuple(p for p in PARTS if p not in ("skin", *EYE)))
+    assert np.all(skin + eye + rest_of_head <= 1.0 + 1e-3)
+    got = emotion_readback(head, 512, per_emotion=4)
+    assert got["frames"] == 5 * (4 + 3)
+    assert got["accuracy"] >= 0.9, got
+
+
+def test_back_facing_surfels_are_not_drawn():
+    """The CPU renderer skips surfels turned away from the camera (as the browser's does): the back
+    of the head is hidden, the face is not, and turning the head changes which are hidden."""
+    head = build_head(8000)
+    r = CPUAvatarRenderer(head, 128, 128)
+    means, _ = r.posed.means(Pose())
+    hidden = r.hidden(means, None)
+    z = head.splats.means[:, 2]
+    skin = head.splats.labels == PART_ID["skin"]
+    assert hidden[skin & (z < -0.05)].mean() > 0.9 and not hidden[skin & (z > 0.06)].any()
+    turned = Pose(yaw=0.6)
+    means_t, R = r.posed.means(turned)
+    assert (r.hidden(means_t, R) != hidden).sum() > 100

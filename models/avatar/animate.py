@@ -58,10 +58,14 @@ _VIS_VEC = {name: _viseme_vector(name) for name in VISEMES}
 
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "joy": {"smile": 1.3, "brows_up": 0.15, "cheek_puff": 0.35, "jaw_open": 0.06},
-    "sadness": {"frown": 1.25, "brows_up": 0.2, "jaw_open": 0.02, "blink_l": 0.2, "blink_r": 0.2},
-    "anger": {"brows_down": 1.3, "lip_press": 0.5, "frown": 0.35, "blink_l": 0.15, "blink_r": 0.15},
-    "surprise": {"brows_up": 1.2, "jaw_open": 0.55, "mouth_round": 0.3},
+    # Each face carries its action units at full strength (the face perception reads the same cues on
+    # people): joy lifts the mouth corners and cheeks; sadness pulls the corners down and the inner
+    # brows up; anger lowers the brows, narrows the eyes and presses the lips; surprise raises the
+    # brows, widens the eyes and drops the jaw.
+    "joy": {"smile": 1.5, "brows_up": 0.15, "cheek_puff": 0.35, "jaw_open": 0.06},
+    "sadness": {"frown": 1.4, "brows_up": 0.2, "jaw_open": 0.02, "blink_l": 0.2, "blink_r": 0.2},
+    "anger": {"brows_down": 1.5, "lip_press": 0.6, "frown": 0.5, "blink_l": 0.3, "blink_r": 0.3},
+    "surprise": {"brows_up": 1.3, "jaw_open": 0.6, "mouth_round": 0.3, "blink_l": -0.35, "blink_r": -0.35},
 }
 
 

@@ -50,6 +50,18 @@ def quat_to_rotmat(q: np.ndarray) -> np.ndarray:
     ], axis=-1).reshape(q.shape[:-1] + (3, 3))
 
 
+FLAT_RATIO = 0.35  # thinnest axis under this fraction of the widest: a surfel, with a normal
+BACKFACE_COS = -0.35  # a surfel this far turned away from the eye is behind the surface: not drawn
+
+
+def surfel_normals(quats: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(N, 3) unit normals of flat Gaussians (their thinnest axis), zeros for the others."""
+    axis = np.argmin(scales, axis=1)
+    normal = np.take_along_axis(quat_to_rotmat(quats), axis[:, None, None].repeat(3, 1), 2)[..., 0]
+    flat = scales.min(1) < FLAT_RATIO * scales.max(1)
+    return np.where(flat[:, None], normal, 0.0).astype(np.float32)
+
+
 def covariances(quats: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """World-space covariances R S S^T R^T, (N, 3, 3)."""
     rs = quat_to_rotmat(quats) * scales[:, None, :]

@@ -238,7 +238,7 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
                    np.array([0.9], np.float32), np.array([[1.0, 1.0, 1.0]], np.float32), np.array([PART_ID["iris"]], np.int16)),
             gaze[:, :1] * 0)
         # Upper lid: a curtain of skin over the eyeball; a blink slides it down over the opening.
-        lx, ly, sp = _grid(c[0] - 0.017, c[0] + 0.017, c[1] + 0.006, c[1] + 0.024, int(330 * s))
+        lx, ly, sp = _grid(c[0] - 0.017, c[0] + 0.017, c[1] + 0.006, c[1] + 0.024, int(480 * s))
         keep = ((lx - c[0]) / 0.018) ** 2 + ((ly - c[1] - 0.006) / 0.02) ** 2 < 1
         lx, ly = lx[keep], ly[keep]
 
@@ -246,7 +246,10 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
             return c[2] + np.sqrt(np.clip((EYE_R + 0.0016) ** 2 - (x - c[0]) ** 2 - (y - c[1]) ** 2, 0, None)) + 0.0008
 
         lp = np.stack([lx, ly, lid_z(lx, ly)], 1)
-        ln = lp - c
+        # Lid splats face the camera more than the eyeball's surface does: the rig moves means, not
+        # orientations, so a surface-tangent splat slid down over the eye would be seen edge-on and
+        # let the eye show through in stripes.
+        ln = (lp - c) / EYE_R * 0.4 + np.array([0.0, 0.0, 1.0])
         ln /= np.linalg.norm(ln, axis=1, keepdims=True)
         drop = 0.0165
         blink = np.zeros((k, len(lp), 3))
@@ -255,7 +258,7 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
         blink[chan, :, 2] = lid_z(lx, ly - drop) - lp[:, 2]
         blink[ch["smile"], :, 1] = -0.0015  # smiling eyes: lids lower a little
         blink[ch["brows_up"], :, 1] = 0.0015
-        add(_splats(lp, ln, sp * 1.3, np.array(skin) * 0.95, "lid", thickness=0.3), blink)
+        add(_splats(lp, ln, sp * 1.6, np.array(skin) * 0.95, "lid", opacity=0.99, thickness=0.45), blink)
         # Lashes along the lid's lower edge.
         ex = np.linspace(c[0] - 0.014, c[0] + 0.014, int(50 * s) + 2)
         ey = c[1] + 0.0065 - 0.0 * ex

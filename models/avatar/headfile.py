@@ -143,7 +143,6 @@ def load_head(ply_path: str | Path) -> Head:
 # --- the browser's head file ------------------------------------------------------------------------------
 HEAD_MAGIC = b"PRHD"
 HEAD_FORMAT = "presence-head/1"
-FLAT_RATIO = 0.35  # thinnest axis under this fraction of the widest: a surfel, with a normal
 
 
 def encode_head(head: Head, camera: dict | None = None) -> bytes:
@@ -161,14 +160,11 @@ def encode_head(head: Head, camera: dict | None = None) -> bytes:
     plus `channels`, `pivot` and the `camera` framing. Little-endian throughout."""
     import json
 
-    from models.avatar.gaussians import covariances, quat_to_rotmat
+    from models.avatar.gaussians import covariances, surfel_normals
 
     s = head.splats
     c = covariances(s.quats, s.scales)
-    axis = np.argmin(s.scales, axis=1)
-    normal = np.take_along_axis(quat_to_rotmat(s.quats), axis[:, None, None].repeat(3, 1), 2)[..., 0]
-    flat = s.scales.min(1) < FLAT_RATIO * s.scales.max(1)
-    normal = np.where(flat[:, None], np.round(normal * 127), 0).astype(np.int8)
+    normal = np.round(surfel_normals(s.quats, s.scales) * 127).astype(np.int8)
     arrays = {
         "means": s.means.astype("<f4"),
         "cov": np.stack([c[:, 0, 0], c[:, 0, 1], c[:, 0, 2], c[:, 1, 1], c[:, 1, 2], c[:, 2, 2]], 1).astype("<f4"),

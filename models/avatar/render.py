@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from models.avatar.camera import Camera, portrait_camera
-from models.avatar.gaussians import covariances
+from models.avatar.gaussians import BACKFACE_COS, covariances, surfel_normals
 from models.avatar.head import CHANNELS, PIVOT, Head
 from models.avatar.raster_cpu import rasterize
 
@@ -87,9 +87,21 @@ class CPUAvatarRenderer:
         self._colors = s.colors.astype(np.float32)
         self._opac = s.opacities.astype(np.float32)
         self._buf = np.empty((height, width, 3), np.float32)
+        self._normals = surfel_normals(s.quats, s.scales)
+        self._eye = (-self.camera.viewmat[:3, :3].T @ self.camera.viewmat[:3, 3]).astype(np.float32)
+
+    def hidden(self, means: np.ndarray, R: np.ndarray | None) -> np.ndarray:
+        """Surfels facing away from the camera (the back of the head, behind the face): the browser's
+        renderer skips the same ones. The rig moves means, not orientations; the head pose turns both."""
+        n = self._normals
+        if R is not None:
+            n = np.where(self.posed._rigid[:, None], n @ R.T, n)
+        to_eye = self._eye - means
+        cos = np.einsum("ij,ij->i", n, to_eye) / np.linalg.norm(to_eye, axis=1)
+        return cos < BACKFACE_COS
 
     def render(self, pose: Pose) -> np.ndarray:
         means, R = self.posed.means(pose)
         img = rasterize(means, self.posed._covs, self._colors, self._opac, self.camera, BACKGROUND, out=self._buf,
-                        pose_R=R, rigid=self.posed._rigid if R is not None else None)
+                        pose_R=R, rigid=self.posed._rigid if R is not None else None, hidden=self.hidden(means, R))
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
