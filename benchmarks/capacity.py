@@ -89,11 +89,11 @@ async def one_session(url: str, key: str, users: Users, turns: int, offset_s: fl
     from benchmarks.rtc_client import FakeCamera, PresenceRTCClient
 
     client = PresenceRTCClient(url, key)
-    if seen is not None:
-        seen["client"] = client  # what a session that never finishes had got, for its error
+    rows: list[dict] = []
+    if seen is not None:  # what a session that never finishes had got and measured, for its result
+        seen["client"], seen["rows"] = client, rows
     client.camera = FakeCamera(users.face, fps=15)
     clips = users.clips
-    rows: list[dict] = []
     try:
         await client.create(conversation_name="capacity", persona_id=users.persona_id, video_mode=mode,
                             properties={"participant_left_timeout": 0})
@@ -152,7 +152,16 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
         except TimeoutError:
             client = seen.get("client")
             kinds = [e["event_type"] for e in client.events] if client is not None else []
-            return {"turns": [], "fps": 0.0, "error": "session did not finish in time", "events_seen": kinds}
+            why = {"pc": client.pc.connectionState if client is not None and client.pc else None}
+            if client is not None and client.conversation:
+                import httpx
+
+                async with httpx.AsyncClient(headers={"x-api-key": key}, timeout=10) as http:
+                    got = (await http.get(f"{url}/v2/conversations/{client.conversation['conversation_id']}")).json()
+                why.update(status=got.get("status"), shutdown_reason=got.get("shutdown_reason"))
+            # The turns it did answer count; the session is failed as a whole.
+            return {"turns": seen.get("rows", []), "fps": 0.0, "error": f"session did not finish in time: {why}",
+                    "events_seen": kinds}
 
     results = await asyncio.gather(*(bounded(i) for i in range(sessions)))
     wall = time.monotonic() - t0

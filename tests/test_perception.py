@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -13,8 +15,14 @@ SENTENCE = "I went to the market yesterday and bought some apples and pears."
 
 @pytest.fixture(scope="module")
 def voice(tts):
+    # piper samples its voice (VITS noise): one synthesis per (text, speed), so a pitch or gain change is
+    # measured on the same utterance, not against another take (two takes' pitch differs by up to ~15 %).
+    @functools.cache
+    def synthesize(text: str, speed: float):
+        return tts.synthesize(text, speed=speed)
+
     def speak(text: str = SENTENCE, speed: float = 1.0, gain: float = 1.0, pitch: float = 1.0) -> np.ndarray:
-        s = tts.synthesize(text, speed=speed)
+        s = synthesize(text, speed)
         # Resampling to fewer samples and playing them at 16 kHz raises the pitch by `pitch`.
         return (resample(s.audio, s.sample_rate, int(16000 / pitch)) * gain).astype(np.float32)
 
