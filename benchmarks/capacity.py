@@ -156,9 +156,12 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
             if client is not None and client.conversation:
                 import httpx
 
-                async with httpx.AsyncClient(headers={"x-api-key": key}, timeout=10) as http:
-                    got = (await http.get(f"{url}/v2/conversations/{client.conversation['conversation_id']}")).json()
-                why.update(status=got.get("status"), shutdown_reason=got.get("shutdown_reason"))
+                try:  # a diagnosis that fails must not take the benchmark down with it
+                    async with httpx.AsyncClient(headers={"x-api-key": key}, timeout=10) as http:
+                        got = (await http.get(f"{url}/v2/conversations/{client.conversation['conversation_id']}")).json()
+                    why.update(status=got.get("status"), shutdown_reason=got.get("shutdown_reason"))
+                except (httpx.HTTPError, ValueError) as exc:
+                    why["lookup_error"] = repr(exc)
             # The turns it did answer count; the session is failed as a whole.
             return {"turns": seen.get("rows", []), "fps": 0.0, "error": f"session did not finish in time: {why}",
                     "events_seen": kinds}

@@ -18,6 +18,11 @@ class Camera:
     height: int
 
     @property
+    def position(self) -> np.ndarray:
+        """Where the camera is, in world coordinates."""
+        return (-self.viewmat[:3, :3].T @ self.viewmat[:3, 3]).astype(np.float32)
+
+    @property
     def K(self) -> np.ndarray:
         return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float32)
 

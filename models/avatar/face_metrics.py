@@ -5,8 +5,6 @@ reads on it. These are the numbers `benchmarks/render.py` reports and the avatar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from models.avatar.head import PART_ID, Head
@@ -43,44 +41,11 @@ class PartCoverage:
         return int((self(pose, parts)[0] > threshold).sum())
 
 
-@dataclass(frozen=True)
-class EmotionReading:
-    """What face perception read on one rendered expression."""
-
-    shown: str
-    read: str
-    confidence: float
-    detected: bool
-
-
-def read_emotions(frames: dict[str, np.ndarray], rest: np.ndarray | None = None) -> list[EmotionReading]:
-    """Run the project's face perception (models/perception) on rendered frames {emotion: RGB}:
-    detection, mesh, expression model and the action cues against the resting face, which is
-    learnt from the "neutral" frame when `rest` is None (as a session learns its user's)."""
-    from models.perception.face import FaceAnalyzer
-    from models.perception.fusion import EMOTIONS, _cues, visual_emotion
-
-    analyzer = FaceAnalyzer()
-    names = list(frames)
-    obs = analyzer.analyse([frames[n] for n in names])
-    if rest is None and "neutral" in frames and obs[names.index("neutral")].present:
-        rest = _cues(obs[names.index("neutral")])
-    out = []
-    for name, o in zip(names, obs, strict=True):
-        if not o.present:
-            out.append(EmotionReading(name, "none", 0.0, False))
-            continue
-        p = visual_emotion(o, rest)
-        i = int(np.argmax(p))
-        out.append(EmotionReading(name, EMOTIONS[i], float(p[i]), True))
-    return out
-
-
 def emotion_frames(head: Head, size: int = 512, per_emotion: int = 10, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """Rendered frames of each emotion as a user sees them: the animator's own poses over time
     (the expression eased in, blinks, saccades, breathing sway; no speech), then three fixed head
     turns (yaw ±0.1 rad, pitch 0.06 rad) at full strength."""
-    from models.avatar.animate import _IDX, EMOTIONS, Animator
+    from models.avatar.animate import EMOTIONS, Animator
 
     r = CPUAvatarRenderer(head, size, size)
     frames = []
@@ -91,10 +56,7 @@ def emotion_frames(head: Head, size: int = 512, per_emotion: int = 10, seed: int
             if k >= 30 and k % 4 == 2:
                 frames.append((emotion, r.render(pose)))
         for yaw, pitch in ((0.1, 0.0), (-0.1, 0.0), (0.0, 0.06)):
-            pose = Pose(yaw=yaw, pitch=pitch)
-            for name, w in weights.items():
-                pose.weights[_IDX[name]] = w
-            frames.append((emotion, r.render(pose)))
+            frames.append((emotion, r.render(Pose(yaw=yaw, pitch=pitch).set(**weights))))
     return frames
 
 

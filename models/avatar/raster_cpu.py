@@ -166,11 +166,11 @@ def _composite(means2d, conics, colors, opacities, radii, order, width, height, 
         cut[g] = -1.0
         if radii[g] <= 0:
             continue
-        ln = np.log(max(opacities[g] * 255.0, 1.0))
+        ln = min(np.log(max(opacities[g] * 255.0, 1.0)), 7.9)  # the exp table ends at 8
         det = conics[g, 0] * conics[g, 2] - conics[g, 1] * conics[g, 1]
         if ln <= 0.0 or det <= 0.0:
             continue
-        cut[g] = min(ln, 7.9)  # the exp table ends at 8
+        cut[g] = ln
         hxs[g] = min(np.sqrt(2.0 * ln * conics[g, 2] / det), radii[g])
         hys[g] = min(np.sqrt(2.0 * ln * conics[g, 0] / det), radii[g])
     T = np.empty((TILE, TILE), dtype=np.float32)

@@ -88,7 +88,7 @@ class CPUAvatarRenderer:
         self._opac = s.opacities.astype(np.float32)
         self._buf = np.empty((height, width, 3), np.float32)
         self._normals = surfel_normals(s.quats, s.scales)
-        self._eye = (-self.camera.viewmat[:3, :3].T @ self.camera.viewmat[:3, 3]).astype(np.float32)
+        self._eye = self.camera.position
 
     def hidden(self, means: np.ndarray, R: np.ndarray | None) -> np.ndarray:
         """Surfels facing away from the camera (the back of the head, behind the face): the browser's
