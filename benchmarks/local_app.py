@@ -38,11 +38,12 @@ def deployment_options(name: str) -> dict:
 
 def start_local_app(api_key: str, database_url: str, max_sessions: int | None = None, port: int | None = None,
                     num_gpus: int = 0, deployments: dict[str, dict] | None = None, timeout_s: float = 180,
-                    llm: dict | None = None) -> str:
+                    llm: dict | None = None, outbound_allow: list[str] | None = None) -> str:
     """ray.init, then deploy configs/cpu.yaml exactly as `serve run configs/cpu.yaml` does (its
     deployment options and autoscaling included), with the test's API key, database, port and any
-    per-deployment option `deployments` overrides, and `llm` (the LLM deployment's args, e.g. another
-    embedded model) in place of the profile's; media on loopback only. Returns the base URL once
+    per-deployment option `deployments` overrides, `llm` (the LLM deployment's args, e.g. another
+    embedded model) in place of the profile's, and `outbound_allow` (CIDRs webhooks and persona
+    endpoints may reach although internal); media on loopback only. Returns the base URL once
     /healthz answers. The caller owns shutdown (serve.shutdown(); ray.shutdown())."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PRESENCE_ICE_LOOPBACK"] = "1"  # inherited by the local cluster's workers
@@ -64,6 +65,8 @@ def start_local_app(api_key: str, database_url: str, max_sessions: int | None = 
     app["args"]["ingress"] = ingress
     if llm is not None:
         app["args"]["llm"] = llm
+    if outbound_allow is not None:
+        app["args"]["outbound"] = {**app["args"].get("outbound", {}), "allow": outbound_allow}
     for d in app.get("deployments", []):
         d.update((deployments or {}).get(d["name"], {}))
     # What `serve run`/`serve deploy` do with a config file (the HTTP options were set above).

@@ -144,7 +144,9 @@ class PresenceRTCClient:
         self.conversation = r.json()
         return self.conversation
 
-    async def connect(self, timeout: float = 60) -> None:
+    async def connect(self, timeout: float = 60, as_operator: bool = True) -> None:
+        """Join the created conversation. `as_operator`: with the API key too, so the data channel takes
+        echo and context changes (the meeting token alone grants a participant's respond/interrupt)."""
         use_loopback_candidates()
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
@@ -163,7 +165,8 @@ class PresenceRTCClient:
         cid = self.conversation["conversation_id"]
         r = await self.http.post(f"/v2/conversations/{cid}/webrtc", content=self.pc.localDescription.sdp,
                                  headers={"content-type": "application/sdp",
-                                          "authorization": f"Bearer {self.conversation['meeting_token']}"})
+                                          "authorization": f"Bearer {self.conversation['meeting_token']}",
+                                          **({"x-api-key": self.api_key} if as_operator else {})})
         if r.status_code != 201:
             raise RuntimeError(f"offer refused: {r.status_code} {r.text}")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments import outbound
 from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM, StreamEnd
@@ -27,8 +28,12 @@ def make_backend(kind: str, **kw):
 
 @serve.deployment
 class LLM:
-    def __init__(self, backend: str = "llamacpp", backend_args: dict | None = None) -> None:
+    def __init__(self, backend: str = "llamacpp", backend_args: dict | None = None,
+                 outbound_policy: dict | None = None) -> None:
+        """`outbound_policy`: how a persona's own endpoint may be reached (deployments.outbound; the
+        profile's `outbound` section). The profile's own backend is internal and not subject to it."""
         limit_threads()
+        self.policy = outbound.OutboundPolicy.from_config(outbound_policy)
         self.gpu_metrics = start_gpu_metrics("LLM")
         self.backend = make_backend(backend, **(backend_args or {}))
         self._external: dict[tuple, OpenAICompatibleLLM] = {}
@@ -41,8 +46,12 @@ class LLM:
             return self.backend
         key = (endpoint["base_url"], endpoint.get("api_key"), endpoint.get("model"))
         if key not in self._external:
-            self._external[key] = OpenAICompatibleLLM(endpoint["base_url"], endpoint.get("api_key"),
-                                                      endpoint.get("model") or "default")
+            outbound.check_url(endpoint["base_url"], base_url=True)  # the address is checked when dialled
+            if len(self._external) >= 64:  # bounded: one client per distinct endpoint in use
+                self._external.pop(next(iter(self._external)))
+            self._external[key] = OpenAICompatibleLLM(
+                endpoint["base_url"], endpoint.get("api_key"), endpoint.get("model") or "default",
+                http=outbound.client(self.policy), deadline_s=self.policy.deadline_s, max_bytes=self.policy.max_bytes)
         return self._external[key]
 
     async def stream(self, messages: list[dict], params: GenerationParams | None = None,

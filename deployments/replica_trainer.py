@@ -20,7 +20,7 @@ from deployments.common import limit_threads
 from models.avatar.fit import fit_head
 from models.avatar.head import build_head
 from models.avatar.headfile import save_head
-from models.media import MediaError, decode_media
+from models.media import MediaError, decode_media, probe_media
 
 log = logging.getLogger("presence.replicas")
 
@@ -52,6 +52,17 @@ class ReplicaTrainer:
                 "align_score": round(float(min(result.align_scores)), 3) if result.align_scores else None,
                 "fit_s": round(time.perf_counter() - t0, 1)}
 
+    async def probe(self, data: bytes, content_type: str) -> dict:
+        """The upload's checks (type, size, duration, pixel caps), here rather than in the ingress: a
+        hostile file costs this replica's memory, never the API's. {"ok": True, ...} or {"ok": False, "error"}."""
+        try:
+            return {"ok": True, **await asyncio.to_thread(probe_media, data, content_type)}
+        except MediaError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:  # whatever a decoder raises for a crafted file
+            log.warning("probe failed for a %s upload", content_type, exc_info=True)
+            return {"ok": False, "error": f"not a usable {content_type} file"}
+
     async def fit(self, replica_id: str, data: bytes, content_type: str) -> dict:
         """Fit and save the replica's head. Returns {"status": "ready", head_path, psnr_before,
         psnr_after, ...} or {"status": "error", "error": why}; never raises for bad media."""
@@ -61,4 +72,4 @@ class ReplicaTrainer:
             return {"status": "error", "error": str(exc)}
         except Exception as exc:  # never leave a replica "training" forever
             log.exception("replica %s: fit failed", replica_id)
-            return {"status": "error", "error": f"fit failed: {exc}"}
+            return {"status": "error", "error": f"fit failed ({type(exc).__name__})"}

@@ -7,8 +7,10 @@ engine on GPU (lazy import).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -65,15 +67,24 @@ def with_next_user(messages: list[Message]) -> list[Message]:
     return [*messages, {"role": "user", "content": _NEXT_USER}]
 
 
+class EndpointError(RuntimeError):
+    """An OpenAI-compatible endpoint failed. Carries the status only: an upstream's body never
+    travels on (to a participant, a webhook or a log), it may hold anything."""
+
+
 class OpenAICompatibleLLM:
-    """Streams chat completions from any OpenAI-compatible server (`base_url` ends in /v1)."""
+    """Streams chat completions from any OpenAI-compatible server (`base_url` ends in /v1).
+    `http`: the client to send with (for a user's endpoint, one bound to the outbound policy);
+    a reply stops at `deadline_s` in total and `max_bytes` of stream."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str = "default",
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, http: httpx.AsyncClient | None = None,
+                 deadline_s: float = 120.0, max_bytes: int = 4 << 20) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self.deadline_s, self.max_bytes = deadline_s, max_bytes
+        self._client = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
         body = {
@@ -81,18 +92,19 @@ class OpenAICompatibleLLM:
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
             "stop": params.stop, **self.extra_body(params),
         }
-        async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body) as resp:
+        deadline = time.monotonic() + self.deadline_s
+        async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body,
+                                       headers=self._headers) as resp:
             if resp.status_code != 200:
-                detail = (await resp.aread()).decode(errors="replace")[:300]
-                raise RuntimeError(f"LLM endpoint answered {resp.status_code}: {detail}")
+                raise EndpointError(f"LLM endpoint answered HTTP {resp.status_code}")
             finish = None
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            async for data in _sse_data(resp, deadline, self.max_bytes):
                 if data == "[DONE]":
                     break
-                choices = json.loads(data).get("choices") or []
+                try:
+                    choices = json.loads(data).get("choices") or []
+                except (ValueError, AttributeError) as exc:
+                    raise EndpointError("LLM endpoint sent a malformed stream") from exc
                 if choices:
                     piece = (choices[0].get("delta") or {}).get("content")
                     finish = choices[0].get("finish_reason") or finish
@@ -111,6 +123,27 @@ class OpenAICompatibleLLM:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _sse_data(resp: httpx.Response, deadline: float, max_bytes: int) -> AsyncIterator[str]:
+    """The `data:` fields of a server-sent event stream, within a total deadline and byte cap."""
+    chunks, buf, seen = resp.aiter_bytes(), b"", 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EndpointError("LLM endpoint passed its total deadline")
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), left)
+        except StopAsyncIteration:
+            return
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise EndpointError("LLM endpoint passed its response size cap")
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip().decode("utf-8", "replace")
 
 
 class EmbeddedLlamaCpp(OpenAICompatibleLLM):

@@ -8,7 +8,9 @@ bash scripts/setup.sh
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 mkdir -p data
 if [ -z "${PRESENCE_API_KEYS:-}" ]; then
-  [ -f data/api_key ] || python -c "import secrets; print(secrets.token_urlsafe(18))" > data/api_key
+  # The key file is the operator's admin key: readable by this user only.
+  [ -f data/api_key ] || (umask 077 && python -c "import secrets; print(secrets.token_urlsafe(18))" > data/api_key)
+  chmod 600 data/api_key
   PRESENCE_API_KEYS=$(cat data/api_key)
 fi
 export PRESENCE_API_KEYS

@@ -17,13 +17,17 @@ from serve_app.session_host import SessionHost
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """args: asr, llm, tts, turn, perception (init kwargs for each model deployment), video, replicas, ingress."""
+    """args: asr, llm, tts, turn, perception (init kwargs for each model deployment), video, replicas, ingress,
+    outbound (deployments.outbound.OutboundPolicy: allow, deadline_s, max_bytes)."""
     turn = TurnTaking.bind(**args.get("turn", {}))
     asr = ASR.bind(**args.get("asr", {}))
-    llm = LLM.bind(**args.get("llm", {}))
+    policy = args.get("outbound", {})  # deployments.outbound: one policy for the LLM and the ingress's webhooks
+    llm = LLM.bind(**args.get("llm", {}), outbound_policy=policy)
     tts = TTS.bind(**args.get("tts", {}))
     perception = Perception.bind(**args.get("perception", {}))
-    host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}), perception=perception)
+    host = SessionHost.bind(turn, asr, llm, tts, video=args.get("video", {}), perception=perception,
+                            database_url=args.get("ingress", {}).get("database_url"))
     video = args.get("video", {})
     trainer = ReplicaTrainer.bind(gaussians=int(video.get("gaussians", 20000)), **args.get("replicas", {}))
-    return Ingress.bind(host, trainer, head_gaussians=int(video.get("gaussians", 20000)), **args.get("ingress", {}))
+    return Ingress.bind(host, trainer, head_gaussians=int(video.get("gaussians", 20000)), outbound_policy=policy,
+                        **args.get("ingress", {}))

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, func, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, func, inspect, or_, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -22,10 +22,14 @@ def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:12]
 
 
+DEFAULT_OWNER = "default"  # the owner of the keys an operator configures (and of rows from before owners)
+
+
 class PersonaRow(Base):
     __tablename__ = "personas"
     persona_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     persona_name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[str] = mapped_column(String(64), default=DEFAULT_OWNER, index=True)
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -35,6 +39,7 @@ class ConversationRow(Base):
     __tablename__ = "conversations"
     conversation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     conversation_name: Mapped[str] = mapped_column(String(200), default="")
+    owner: Mapped[str] = mapped_column(String(64), default=DEFAULT_OWNER, index=True)
     persona_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     replica_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
@@ -44,12 +49,15 @@ class ConversationRow(Base):
     shutdown_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    joined_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # set once, atomically, by the one join
+    host_seen_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the hosting replica's last heartbeat
 
 
 class ReplicaRow(Base):
     __tablename__ = "replicas"
     replica_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     replica_name: Mapped[str] = mapped_column(String(200), default="")
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: shared (the stock head)
     status: Mapped[str] = mapped_column(String(16), default="training")  # training | ready | error
     data: Mapped[dict] = mapped_column(JSON)  # head_path, psnr, frames, error, ...
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -63,6 +71,53 @@ class TranscriptRow(Base):
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, when it is made."""
+
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    scopes: Mapped[list] = mapped_column(JSON)  # subset of keys.SCOPES
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WebhookRow(Base):
+    """One webhook delivery waiting or done: the persisted queue the ingress's WebhookQueue drains."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(String(40), unique=True)  # the `webhook-id` header; stable over retries
+    url: Mapped[str] = mapped_column(Text)
+    endpoint: Mapped[str] = mapped_column(String(300), index=True)  # scheme://host:port, for per-endpoint limits
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+    last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class SettingRow(Base):
+    """Deployment-wide values every ingress replica shares (the webhook signing secret)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+# Columns added after the first release; `create_all` does not add columns to existing tables.
+_ADDED_COLUMNS = {
+    "personas": [("owner", f"VARCHAR(64) DEFAULT '{DEFAULT_OWNER}'")],
+    "conversations": [("owner", f"VARCHAR(64) DEFAULT '{DEFAULT_OWNER}'"), ("joined_at", "FLOAT"),
+                      ("host_seen_at", "FLOAT")],
+    "replicas": [("owner", "VARCHAR(64)")],
+}
 
 
 def default_database_url() -> str:
@@ -85,29 +140,52 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(url, **kwargs)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
         return self._session()
 
-    # One row by key, a page of rows, deleting a row: the same for every table.
-    def _get(self, model: type[Base], key: str):
-        with self.session() as s:
-            return s.get(model, key)
+    def _add_missing_columns(self) -> None:
+        have = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {c["name"] for c in have.get_columns(table)}
+                for name, ddl in columns:
+                    if name not in present:
+                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
-    def _page(self, model: type[Base], limit: int, offset: int, order, where=None) -> tuple[list, int]:
+    # One row by key, a page of rows, deleting a row: the same for every table. `owner` scopes each
+    # to one tenant: a row of another owner reads as absent (a 404, never a 403 that confirms it exists).
+    @staticmethod
+    def _visible(model: type[Base], owner: str | None):
+        if owner is None:  # internal callers (the session's event consumer, reconciliation)
+            return None
+        if model is ReplicaRow:
+            return or_(ReplicaRow.owner == owner, ReplicaRow.owner.is_(None))
+        return model.owner == owner
+
+    def _get(self, model: type[Base], key: str, owner: str | None = None):
+        with self.session() as s:
+            row = s.get(model, key)
+        if row is None or owner is None or row.owner == owner or (model is ReplicaRow and row.owner is None):
+            return row
+        return None
+
+    def _page(self, model: type[Base], limit: int, offset: int, order, where=None, owner: str | None = None) -> tuple[list, int]:
         q, cq = select(model), select(func.count()).select_from(model)
-        if where is not None:
-            q, cq = q.where(where), cq.where(where)
+        for cond in (where, self._visible(model, owner)):
+            if cond is not None:
+                q, cq = q.where(cond), cq.where(cond)
         with self.session() as s:
             rows = s.scalars(q.order_by(order).limit(limit).offset(offset)).all()
             return list(rows), int(s.scalar(cq) or 0)
 
-    def _delete(self, model: type[Base], key: str, children=None) -> bool:
+    def _delete(self, model: type[Base], key: str, children=None, owner: str | None = None) -> bool:
         """Delete a row (and the rows of `children`, a select of them); False when there is none."""
         with self.session() as s, s.begin():
             row = s.get(model, key)
-            if row is None:
+            if row is None or (owner is not None and row.owner != owner):
                 return False
             for child in s.scalars(children) if children is not None else ():
                 s.delete(child)
@@ -115,17 +193,17 @@ class Store:
             return True
 
     # personas
-    def add_persona(self, data: dict) -> PersonaRow:
-        row = PersonaRow(persona_id=new_id("p"), persona_name=data.get("persona_name") or "", data=data)
+    def add_persona(self, data: dict, owner: str = DEFAULT_OWNER) -> PersonaRow:
+        row = PersonaRow(persona_id=new_id("p"), persona_name=data.get("persona_name") or "", data=data, owner=owner)
         with self.session() as s, s.begin():
             s.add(row)
         return row
 
-    def get_persona(self, persona_id: str) -> PersonaRow | None:
-        return self._get(PersonaRow, persona_id)
+    def get_persona(self, persona_id: str, owner: str | None = None) -> PersonaRow | None:
+        return self._get(PersonaRow, persona_id, owner)
 
-    def list_personas(self, limit: int, offset: int) -> tuple[list[PersonaRow], int]:
-        return self._page(PersonaRow, limit, offset, PersonaRow.created_at)
+    def list_personas(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[PersonaRow], int]:
+        return self._page(PersonaRow, limit, offset, PersonaRow.created_at, owner=owner)
 
     def update_persona(self, persona_id: str, data: dict) -> PersonaRow | None:
         with self.session() as s, s.begin():
@@ -137,22 +215,23 @@ class Store:
             row.updated_at = time.time()
             return row
 
-    def delete_persona(self, persona_id: str) -> bool:
-        return self._delete(PersonaRow, persona_id)
+    def delete_persona(self, persona_id: str, owner: str | None = None) -> bool:
+        return self._delete(PersonaRow, persona_id, owner=owner)
 
     # replicas
     def add_replica(self, name: str, status: str = "training", data: dict | None = None,
-                    replica_id: str | None = None) -> ReplicaRow:
-        row = ReplicaRow(replica_id=replica_id or new_id("r"), replica_name=name, status=status, data=data or {})
+                    replica_id: str | None = None, owner: str | None = None) -> ReplicaRow:
+        row = ReplicaRow(replica_id=replica_id or new_id("r"), replica_name=name, status=status, data=data or {},
+                         owner=owner)
         with self.session() as s, s.begin():
             s.add(row)
         return row
 
-    def get_replica(self, replica_id: str) -> ReplicaRow | None:
-        return self._get(ReplicaRow, replica_id)
+    def get_replica(self, replica_id: str, owner: str | None = None) -> ReplicaRow | None:
+        return self._get(ReplicaRow, replica_id, owner)
 
-    def list_replicas(self, limit: int, offset: int) -> tuple[list[ReplicaRow], int]:
-        return self._page(ReplicaRow, limit, offset, ReplicaRow.created_at)
+    def list_replicas(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[ReplicaRow], int]:
+        return self._page(ReplicaRow, limit, offset, ReplicaRow.created_at, owner=owner)
 
     def update_replica(self, replica_id: str, status: str, **data: Any) -> ReplicaRow | None:
         with self.session() as s, s.begin():
@@ -164,8 +243,8 @@ class Store:
             row.updated_at = time.time()
             return row
 
-    def delete_replica(self, replica_id: str) -> bool:
-        return self._delete(ReplicaRow, replica_id)
+    def delete_replica(self, replica_id: str, owner: str | None = None) -> bool:
+        return self._delete(ReplicaRow, replica_id, owner=owner)
 
     # conversations
     def add_conversation(self, **fields: Any) -> ConversationRow:
@@ -174,16 +253,84 @@ class Store:
             s.add(row)
         return row
 
-    def get_conversation(self, conversation_id: str) -> ConversationRow | None:
-        return self._get(ConversationRow, conversation_id)
+    def get_conversation(self, conversation_id: str, owner: str | None = None) -> ConversationRow | None:
+        return self._get(ConversationRow, conversation_id, owner)
 
     def conversation_by_token(self, token: str) -> ConversationRow | None:
         with self.session() as s:
             return s.scalars(select(ConversationRow).where(ConversationRow.meeting_token == token)).first()
 
-    def list_conversations(self, limit: int, offset: int, status: str | None = None) -> tuple[list[ConversationRow], int]:
+    def list_conversations(self, limit: int, offset: int, status: str | None = None,
+                           owner: str | None = None) -> tuple[list[ConversationRow], int]:
         return self._page(ConversationRow, limit, offset, ConversationRow.created_at.desc(),
-                          where=(ConversationRow.status == status) if status else None)
+                          where=(ConversationRow.status == status) if status else None, owner=owner)
+
+    def claim_join(self, conversation_id: str) -> bool:
+        """Mark the conversation joined; True for exactly one caller (one UPDATE ... WHERE joined_at IS NULL)."""
+        with self.session() as s, s.begin():
+            done = s.execute(update(ConversationRow)
+                             .where(ConversationRow.conversation_id == conversation_id,
+                                    ConversationRow.status == "active", ConversationRow.joined_at.is_(None))
+                             .values(joined_at=time.time()))
+            return done.rowcount == 1
+
+    def heartbeat(self, conversation_ids: list[str], now: float) -> list[str]:
+        """A SessionHost's live sessions are alive at `now`. Returns those whose row was ended meanwhile
+        (POST /end on any ingress replica, or reconciliation): the host shuts them down."""
+        if not conversation_ids:
+            return []
+        with self.session() as s, s.begin():
+            s.execute(update(ConversationRow).where(ConversationRow.conversation_id.in_(conversation_ids))
+                      .values(host_seen_at=now))
+            ended = s.scalars(select(ConversationRow.conversation_id).where(
+                ConversationRow.conversation_id.in_(conversation_ids), ConversationRow.status != "active")).all()
+            gone = set(conversation_ids) - set(s.scalars(select(ConversationRow.conversation_id).where(
+                ConversationRow.conversation_id.in_(conversation_ids))).all())
+            return [*ended, *gone]
+
+    def _holding(self, now: float, stale_s: float):
+        """Active conversations a host holds (a fresh heartbeat, or joined so recently it has not beaten yet)."""
+        return (ConversationRow.status == "active") & ConversationRow.joined_at.is_not(None) & (
+            (ConversationRow.host_seen_at > now - stale_s) | (ConversationRow.joined_at > now - stale_s))
+
+    def live_count(self, now: float, stale_s: float) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ConversationRow).where(self._holding(now, stale_s))) or 0)
+
+    def slots_in_use(self, now: float, stale_s: float, join_window_s: float) -> int:
+        """Live sessions plus conversations created within the join window that have not joined yet:
+        the same count on every ingress replica, and after a restart."""
+        waiting = ((ConversationRow.status == "active") & ConversationRow.joined_at.is_(None)
+                   & (ConversationRow.created_at > now - join_window_s))
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ConversationRow)
+                                .where(self._holding(now, stale_s) | waiting)) or 0)
+
+    def lost_conversations(self, now: float, stale_s: float) -> list[ConversationRow]:
+        """Active conversations nobody holds: joined, with no heartbeat for `stale_s`; or never joined
+        within their `participant_absent_timeout`."""
+        with self.session() as s:
+            rows = s.scalars(select(ConversationRow).where(ConversationRow.status == "active")).all()
+        lost = []
+        for row in rows:
+            if row.joined_at is not None:
+                if max(row.host_seen_at or 0, row.joined_at) < now - stale_s:
+                    lost.append(row)
+            elif row.created_at < now - float((row.data.get("properties") or {}).get("participant_absent_timeout", 300)):
+                lost.append(row)
+        return lost
+
+    def release_join(self, conversation_id: str) -> None:
+        """A join that did not start a session (no host answered): the conversation may be joined again."""
+        with self.session() as s, s.begin():
+            s.execute(update(ConversationRow).where(ConversationRow.conversation_id == conversation_id)
+                      .values(joined_at=None, host_seen_at=None))
+
+    def set_conversation_data(self, conversation_id: str, **fields: Any) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(ConversationRow, conversation_id)
+            if row is not None:
+                row.data = {**(row.data or {}), **fields}
 
     def set_status(self, conversation_id: str, status: str, reason: str | None = None) -> None:
         with self.session() as s, s.begin():
@@ -210,3 +357,77 @@ class Store:
             rows = s.scalars(select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id)
                              .order_by(TranscriptRow.id)).all()
             return [{"role": r.role, "content": r.content, "timestamp": r.created_at} for r in rows]
+
+    # API keys
+    def add_key(self, key_hash: str, owner: str, scopes: list[str], name: str = "",
+                expires_at: float | None = None, key_id: str | None = None) -> ApiKeyRow:
+        row = ApiKeyRow(key_id=key_id or new_id("k"), key_hash=key_hash, owner=owner, scopes=scopes, name=name,
+                        expires_at=expires_at)
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        with self.session() as s:
+            return s.scalars(select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash)).first()
+
+    def get_key(self, key_id: str) -> ApiKeyRow | None:
+        return self._get(ApiKeyRow, key_id)
+
+    def list_keys(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[ApiKeyRow], int]:
+        return self._page(ApiKeyRow, limit, offset, ApiKeyRow.created_at, owner=owner)
+
+    def revoke_key(self, key_id: str) -> ApiKeyRow | None:
+        with self.session() as s, s.begin():
+            row = s.get(ApiKeyRow, key_id)
+            if row is not None and row.revoked_at is None:
+                row.revoked_at = time.time()
+            return row
+
+    # webhook queue
+    def queue_webhook(self, webhook_id: str, url: str, endpoint: str, body: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(WebhookRow(webhook_id=webhook_id, url=url, endpoint=endpoint, body=body))
+
+    def due_webhooks(self, now: float, limit: int = 100) -> list[WebhookRow]:
+        with self.session() as s:
+            return list(s.scalars(select(WebhookRow).where(WebhookRow.status == "pending", WebhookRow.next_at <= now)
+                                  .order_by(WebhookRow.id).limit(limit)).all())
+
+    def next_webhook_at(self) -> float | None:
+        with self.session() as s:
+            return s.scalar(select(func.min(WebhookRow.next_at)).where(WebhookRow.status == "pending"))
+
+    def claim_webhook(self, row_id: int, seen_next_at: float, lease_until: float) -> bool:
+        """Lease a due delivery to this replica; True for exactly one claimant."""
+        with self.session() as s, s.begin():
+            done = s.execute(update(WebhookRow).where(WebhookRow.id == row_id, WebhookRow.status == "pending",
+                                                      WebhookRow.next_at == seen_next_at)
+                             .values(next_at=lease_until))
+            return done.rowcount == 1
+
+    def webhook_done(self, row_id: int, status: str, attempts: int, next_at: float, error: str | None = None) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(WebhookRow, row_id)
+            if row is not None:
+                row.status, row.attempts, row.next_at, row.last_error = status, attempts, next_at, error
+
+    def webhooks(self, status: str | None = None) -> list[WebhookRow]:
+        with self.session() as s:
+            q = select(WebhookRow).order_by(WebhookRow.id)
+            return list(s.scalars(q.where(WebhookRow.status == status) if status else q).all())
+
+    # settings
+    def setting(self, key: str, make) -> str:
+        """The shared value of `key`, made by `make()` and stored the first time (first writer wins)."""
+        with self.session() as s:
+            row = s.get(SettingRow, key)
+        if row is not None:
+            return row.value
+        try:
+            with self.session() as s, s.begin():
+                s.add(SettingRow(key=key, value=make()))
+        except Exception:  # another replica stored it first
+            pass
+        with self.session() as s:
+            return s.get(SettingRow, key).value

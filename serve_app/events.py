@@ -48,6 +48,7 @@ class ShutdownReason(StrEnum):
     PARTICIPANT_ABSENT = "participant_absent_timeout"
     ENDPOINT_HIT = "end_conversation_endpoint_hit"
     ERROR = "error"
+    SESSION_LOST = "session_lost"  # reconciliation: no session host held it any more
 
 
 CALLBACK_PREFIXES = ("system.", "application.")

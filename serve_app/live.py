@@ -1,6 +1,10 @@
-"""The ingress's live media sessions: admission (a slot is reserved when a conversation is created),
-starting a session on a SessionHost, consuming its event stream (transcript rows, metrics, webhooks)
-and ending it with a reason."""
+"""The ingress's live media sessions: admission (a slot is held from when a conversation is created
+until its join window passes, and while a host holds it: counted in the database, so every ingress
+replica, and one just restarted, sees the same number), starting a session on a SessionHost,
+reading its event stream (metrics, the perception snapshot) and ending it with a reason.
+
+The host itself stores the transcript, queues the webhooks and records the end (serve_app.ledger);
+the ingress does so only when the host died and could not."""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 
-from serve_app import metrics
+from serve_app import ledger, metrics
 from serve_app.db import Store
-from serve_app.events import Event, ShutdownReason, event, goes_to_callback
+from serve_app.events import Event, ShutdownReason, event
 from serve_app.session import SessionSpec
-from serve_app.webhooks import WebhookSender
+from serve_app.webhooks import WebhookQueue, queue_webhook
 
 log = logging.getLogger("presence.api")
 
@@ -31,33 +35,29 @@ class LiveSession:
     reason: str | None = None  # the end we asked for (POST /end, DELETE)
     perception: dict | None = None  # the latest perception snapshot, for the end-of-call webhook
     perception_sent: bool = False
+    host_reason: str | None = None  # the reason the host's system.shutdown gave
 
 
 class LiveSessions:
-    def __init__(self, host: Any, store: Store, max_sessions: int, join_window_s: float, answer_timeout_s: float) -> None:
+    def __init__(self, host: Any, store: Store, max_sessions: int, join_window_s: float, answer_timeout_s: float,
+                 webhooks: WebhookQueue) -> None:
         self.host = host
         self.store = store
         self.max_sessions = max_sessions
         self.join_window_s = join_window_s
         self.answer_timeout_s = answer_timeout_s
-        self.webhooks = WebhookSender()
-        self.live: dict[str, LiveSession] = {}
-        self._starting = 0
-        self._reserved: dict[str, float] = {}  # conversation id -> until when its slot is held
+        self.webhooks = webhooks
+        self.live: dict[str, LiveSession] = {}  # sessions this replica started (and reads the streams of)
 
-    # --- admission -------------------------------------------------------------------------------
-    def slots_in_use(self) -> int:
-        now = time.time()
-        for cid in [c for c, until in self._reserved.items() if until < now or c in self.live]:
-            self._reserved.pop(cid, None)
-        return len(self.live) + self._starting + len(self._reserved)
+    # --- admission ---------------------------------------------------------------------------------
+    async def slots_in_use(self) -> int:
+        return await asyncio.to_thread(self.store.slots_in_use, time.time(), ledger.STALE_S, self.join_window_s)
 
-    def full(self) -> bool:
-        return self.slots_in_use() >= self.max_sessions
+    async def live_count(self) -> int:
+        return await asyncio.to_thread(self.store.live_count, time.time(), ledger.STALE_S)
 
-    def reserve(self, cid: str) -> None:
-        """A created conversation holds a slot until it joins or its join window passes."""
-        self._reserved[cid] = time.time() + self.join_window_s
+    async def full(self) -> bool:
+        return await self.slots_in_use() >= self.max_sessions
 
     def capacity_response(self, why: str | None = None) -> JSONResponse:
         metrics.REJECTED.inc()
@@ -67,32 +67,27 @@ class LiveSessions:
                              "max_sessions": self.max_sessions}, status_code=503, headers={"Retry-After": "10"})
 
     # --- a session's life ------------------------------------------------------------------------
-    async def start(self, spec: SessionSpec, callback_url: str | None) -> Response | dict:
-        """Start `spec` on a SessionHost. Returns the host's first item ({"type": "answer", "sdp"} or
-        {"type": "error", ...}), or a 503 response when no slot or host can take it."""
+    async def start(self, spec: SessionSpec) -> Response | dict:
+        """Start `spec` (already claimed in the database: it counts as one slot) on a SessionHost.
+        Returns the host's first item ({"type": "answer", "sdp"} or {"type": "error", ...}), or a 503
+        response when no slot or host can take it."""
         cid = spec.conversation_id
-        reserved = self._reserved.pop(cid, None)
-        if self.full():
-            if reserved is not None:
-                self._reserved[cid] = reserved
+        if await self.slots_in_use() > self.max_sessions:
             return self.capacity_response()
-        self._starting += 1
         try:
             first, gen = await asyncio.wait_for(self._first_item(spec), timeout=self.answer_timeout_s)
         except Exception as exc:  # no host took it: a clean 503, never a 500
             if isinstance(exc, (TimeoutError, StopAsyncIteration)):
                 why = "no session host answered in time"
             else:
-                log.warning("session host failed to start %s: %r", cid, exc)
+                log.warning("session host failed to start %s: %s", cid, type(exc).__name__)
                 why = "the session host could not start the session"
             return self.capacity_response(why)
-        finally:
-            self._starting -= 1
         if first["type"] == "answer":
             metrics.SESSIONS_TOTAL.inc()
             entry = self.live[cid] = LiveSession(gen, first.get("replica"))
             metrics.LIVE_SESSIONS.set(len(self.live))
-            entry.task = asyncio.ensure_future(self._consume(cid, entry, callback_url))
+            entry.task = asyncio.ensure_future(self._consume(cid, entry, spec.callback_url))
         return first
 
     async def _first_item(self, spec: SessionSpec) -> tuple[dict, Any]:
@@ -112,55 +107,53 @@ class LiveSessions:
             delay = min(2 * delay, 2.0)
 
     async def _consume(self, cid: str, entry: LiveSession, callback_url: str | None) -> None:
-        reason = None
+        host_died = False
         try:
             async for item in entry.gen:
                 ev = item["event"]
                 etype, props = ev["event_type"], ev["properties"]
                 if etype == Event.PERCEPTION_SNAPSHOT:
                     entry.perception = props  # memory only
-                    continue
-                if etype == Event.PERCEPTION_ANALYSIS:
+                elif etype == Event.PERCEPTION_ANALYSIS:
                     entry.perception_sent = True
-                if etype == Event.UTTERANCE:
-                    self.store.add_utterance(cid, props["role"], props["speech"])
                 elif etype == Event.TURN_TIMINGS:
                     metrics.observe_turn(props["ms_from_speech_end"])
                 elif etype == Event.SHUTDOWN:
-                    reason = props.get("shutdown_reason")
-                await self._deliver(callback_url, ev)
+                    entry.host_reason = props.get("shutdown_reason")
         except asyncio.CancelledError:
-            reason = entry.reason or ShutdownReason.ENDPOINT_HIT
-        except Exception as exc:  # the host died (or we cancelled it): the transcript so far is stored
-            log.warning("session %s stream failed: %s", cid, exc)
-            reason = ShutdownReason.ERROR
+            pass  # we ended it (POST /end, DELETE): the host records the end itself
+        except Exception as exc:
+            if entry.reason is None:  # not our cancel (which raises RequestCancelledError): the host died
+                log.warning("session %s stream failed: %s", cid, type(exc).__name__)
+                host_died = True
+                entry.gen.cancel()
         finally:
-            await asyncio.shield(self._finalize(cid, reason, callback_url))
+            await asyncio.shield(self._finalize(cid, entry, host_died, callback_url))
 
-    async def _finalize(self, cid: str, reason: str | None, callback_url: str | None) -> None:
-        entry = self.live.pop(cid, None)
+    async def _finalize(self, cid: str, entry: LiveSession, host_died: bool, callback_url: str | None) -> None:
+        self.live.pop(cid, None)
         metrics.LIVE_SESSIONS.set(len(self.live))
-        # An end we asked for wins over whatever the cancelled stream raised.
-        reason = str((entry.reason if entry else None) or reason or ShutdownReason.ERROR)
-        metrics.SHUTDOWNS.labels(reason=reason).inc()
-        exists = self.store.get_conversation(cid) is not None
-        self.store.set_status(cid, "ended", reason)
-        if exists and entry and entry.reason:
-            # The host could not say it (we cancelled its stream): the callback still hears it.
-            await self._deliver(callback_url, event(cid, Event.SHUTDOWN, shutdown_reason=reason))
-        if entry and entry.perception and not entry.perception_sent:
-            await self._deliver(callback_url, event(cid, Event.PERCEPTION_ANALYSIS, **entry.perception))
-        await self._deliver(callback_url, event(cid, Event.TRANSCRIPTION_READY, transcript=self.store.transcript(cid)))
-
-    async def _deliver(self, callback_url: str | None, ev: dict) -> None:
-        if callback_url and goes_to_callback(ev):
-            await self.webhooks.send(callback_url, ev)
+        reason = str(entry.reason or entry.host_reason or (ShutdownReason.ERROR if host_died else ""))
+        if reason:
+            metrics.SHUTDOWNS.labels(reason=reason).inc()
+        if not host_died:
+            return
+        try:
+            if callback_url and entry.perception and not entry.perception_sent:
+                await asyncio.to_thread(queue_webhook, self.store, callback_url,
+                                        event(cid, Event.PERCEPTION_ANALYSIS, **entry.perception))
+            await asyncio.to_thread(ledger.finish, self.store, cid, reason, callback_url, False)
+            self.webhooks.wake()
+        except Exception as exc:
+            log.warning("session %s: could not record its end: %s", cid, type(exc).__name__)
 
     async def end(self, cid: str, reason: ShutdownReason) -> None:
-        self._reserved.pop(cid, None)
+        """End a conversation. A session this replica started is cancelled now; one held elsewhere
+        (another ingress replica, or from before a restart) sees its row ended at its host's next
+        heartbeat and shuts down within a few seconds."""
         entry = self.live.get(cid)
+        await asyncio.to_thread(self.store.set_status, cid, "ended", str(reason))
         if entry is None:
-            self.store.set_status(cid, "ended", str(reason))
             return
         entry.reason = reason
         entry.gen.cancel()

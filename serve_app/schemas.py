@@ -81,6 +81,13 @@ class Layers(BaseModel):
     conversational_flow: ConversationalFlowLayer = Field(default_factory=ConversationalFlowLayer)
 
 
+# What a participant (the meeting token) may send on the data channel, at most; a persona may allow less.
+# `echo` (make the avatar say given words) and context changes need the operator grant.
+ParticipantGrant = Literal["respond", "interrupt"]
+PARTICIPANT_GRANTS = frozenset({"respond", "interrupt"})
+OPERATOR_GRANTS = PARTICIPANT_GRANTS | {"echo", "context"}
+
+
 class PersonaIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     persona_name: str = Field(..., min_length=1, max_length=200)
@@ -90,6 +97,7 @@ class PersonaIn(BaseModel):
     emotion: Emotion = "neutral"
     video_mode: VideoMode | None = None
     layers: Layers = Field(default_factory=Layers)
+    participant_grants: list[ParticipantGrant] = Field(default_factory=lambda: ["interrupt", "respond"], max_length=2)
 
 
 class PersonaPatch(BaseModel):
@@ -101,6 +109,7 @@ class PersonaPatch(BaseModel):
     emotion: Emotion | None = None
     video_mode: VideoMode | None = None
     layers: Layers | None = None
+    participant_grants: list[ParticipantGrant] | None = Field(None, max_length=2)
 
 
 class ConversationProperties(BaseModel):
@@ -123,9 +132,28 @@ class ConversationIn(BaseModel):
     properties: ConversationProperties = Field(default_factory=ConversationProperties)
 
 
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    owner: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    scopes: list[Literal["read", "operator", "admin"]] = Field(..., min_length=1, max_length=3)
+    name: str = Field("", max_length=200)
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+
+
+class OperatorTokenIn(BaseModel):
+    """A join token with the operator grant (echo and context changes on the data channel)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scope: Literal["operator"] = "operator"
+
+    def grants(self) -> frozenset[str]:
+        return OPERATOR_GRANTS
+
+
 class OfferJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["offer"]
-    sdp: str = Field(..., max_length=100_000)
+    sdp: str = Field(..., max_length=100_000, pattern=r"^v=0")
 
 
 DEFAULT_PERSONA = PersonaIn(

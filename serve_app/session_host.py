@@ -22,6 +22,8 @@ from models.avatar.head import Head, build_head
 from models.avatar.headfile import HeadFileError, load_head
 from models.avatar.render import CPUAvatarRenderer, Pose
 from models.vad import SileroVAD
+from serve_app import ledger
+from serve_app.db import Store
 from serve_app.events import Event, ShutdownReason
 from serve_app.ice import apply_policy
 from serve_app.session import BadOffer, Handles, Session, SessionSpec
@@ -32,8 +34,13 @@ log = logging.getLogger("presence.host")
 
 @serve.deployment  # options (session capacity, drain time, resources): configs/*.yaml
 class SessionHost:
-    def __init__(self, turn, asr, llm, tts, video: dict | None = None, perception=None) -> None:
+    def __init__(self, turn, asr, llm, tts, video: dict | None = None, perception=None,
+                 database_url: str | None = None) -> None:
+        """`database_url`: the ingress's database (shared storage on a cluster). The host writes its
+        sessions' transcripts, webhooks and end there itself (serve_app.ledger)."""
         limit_threads()
+        self.store = Store(database_url)
+        self._heartbeat: asyncio.Task | None = None
         self.gpu_metrics = start_gpu_metrics("SessionHost")
         apply_policy()
         video = video or {}
@@ -89,12 +96,15 @@ class SessionHost:
             yield {"type": "error", "status": 400, "detail": str(exc)}
             return
         self.sessions[session.cid] = session
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.ensure_future(self._beat())
         if session.video_out is not None:
             session.video_out.on_render = self.frame_times.add
         yield {"type": "answer", "sdp": answer, "replica": self.replica_id}
         runner = asyncio.ensure_future(session.run())
         h = self.handles
         learning = asyncio.ensure_future(self.stage_health.learn([h.asr, h.turn, h.llm, h.tts]))  # while they are up
+        shutdown_sent = False
         try:
             while True:
                 ev = await session.events.get()
@@ -102,19 +112,67 @@ class SessionHost:
                     sent = ev["properties"]["ms_from_speech_end"].get("first_audio_sent")
                     if sent is not None:
                         self.reply_times.add(sent)
+                # Kept before it is passed on: the ingress reading this stream may die at any moment.
+                await self._keep(spec, ev)
+                shutdown_sent = shutdown_sent or ev["event_type"] == Event.SHUTDOWN
                 yield {"type": "event", "event": ev}
                 if ev["event_type"] == Event.SHUTDOWN:
                     break
             await runner
         except asyncio.CancelledError:
-            # The ingress ended the call (POST /end, DELETE) or went away: close cleanly.
+            # The ingress ended the call (POST /end, DELETE): close cleanly.
             runner.cancel()
             await asyncio.shield(session.shutdown(ShutdownReason.ENDPOINT_HIT))
             raise
         finally:
             learning.cancel()
             self.sessions.pop(session.cid, None)
-            await session.close()
+            await asyncio.shield(self._finish(session, spec, shutdown_sent))
+
+    async def _keep(self, spec: SessionSpec, ev: dict) -> bool:
+        """Store one event (one retry). A session whose events cannot be stored ends with reason
+        `error` rather than talking on with nothing kept: the transcript so far stays."""
+        for attempt in range(2):
+            try:
+                await asyncio.to_thread(ledger.keep_event, self.store, spec.callback_url, ev)
+                return True
+            except Exception as exc:
+                log.warning("session %s: could not store %s: %s", spec.conversation_id, ev["event_type"],
+                            type(exc).__name__)
+                if attempt == 0:
+                    await asyncio.sleep(0.5)
+        session = self.sessions.get(spec.conversation_id)
+        if session is not None:
+            asyncio.ensure_future(session.shutdown(ShutdownReason.ERROR))
+        return False
+
+    async def _finish(self, session: Session, spec: SessionSpec, shutdown_sent: bool) -> None:
+        await session.close()
+        while not session.events.empty():  # emitted after the stream stopped (the shutdown on a cancel)
+            ev = session.events.get_nowait()
+            await self._keep(spec, ev)
+            shutdown_sent = shutdown_sent or ev["event_type"] == Event.SHUTDOWN
+        reason = str(session.shutdown_reason or ShutdownReason.ERROR)
+        try:
+            await asyncio.to_thread(ledger.finish, self.store, spec.conversation_id, reason, spec.callback_url,
+                                    shutdown_sent)
+        except Exception as exc:
+            log.warning("session %s: could not record its end: %s", spec.conversation_id, type(exc).__name__)
+
+    async def _beat(self) -> None:
+        """Tell the database which sessions this replica holds, and shut down those ended elsewhere
+        (POST /end on another ingress replica, or after an ingress restart)."""
+        while self.sessions:
+            try:
+                ended = await asyncio.to_thread(self.store.heartbeat, list(self.sessions), time.time())
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+                ended = []
+            for cid in ended:
+                session = self.sessions.get(cid)
+                if session is not None:
+                    asyncio.ensure_future(session.shutdown(ShutdownReason.ENDPOINT_HIT))
+            await asyncio.sleep(ledger.HEARTBEAT_S)
 
     def _renderer(self, head_path: str | None):
         head_key, head = self._head(head_path)

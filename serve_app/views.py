@@ -23,11 +23,12 @@ def replica_json(row: ReplicaRow) -> dict:
 def conversation_json(row: ConversationRow, base_url: str, with_token: bool = False) -> dict:
     out = {
         "conversation_id": row.conversation_id, "conversation_name": row.conversation_name,
-        "status": row.status, "conversation_url": f"{base_url}/c/{row.conversation_id}#t={row.meeting_token}",
+        "status": row.status, "conversation_url": f"{base_url}/c/{row.conversation_id}",
         "replica_id": row.replica_id, "persona_id": row.persona_id, "callback_url": row.callback_url,
         "created_at": row.created_at, "ended_at": row.ended_at, "shutdown_reason": row.shutdown_reason,
         "properties": row.data.get("properties", {}),
     }
-    if with_token:
+    if with_token:  # only the create response carries the join token
         out["meeting_token"] = row.meeting_token
+        out["conversation_url"] += f"#t={row.meeting_token}"
     return out

@@ -13,16 +13,25 @@ import pytest
 from benchmarks.local_app import start_local_app
 
 API_KEY = "test-key"
+# Test webhook receivers listen on this loopback address, the only one the test app's outbound policy
+# allows: 127.0.0.1 stays refused, as in production.
+RECEIVER_HOST = "127.0.0.2"
 
 
 @pytest.fixture(scope="session")
-def presence(tmp_path_factory):
+def database_url(tmp_path_factory) -> str:
+    """The test app's database (tests read it to check what is stored, as an operator could)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'presence.db'}"
+
+
+@pytest.fixture(scope="session")
+def presence(database_url):
     """Base URL of a running Presence app (CPU profile, real models, real Serve)."""
     import ray
     from ray import serve
 
-    db = tmp_path_factory.mktemp("db") / "presence.db"
-    yield start_local_app(API_KEY, f"sqlite:///{db}", max_sessions=2, num_gpus=1)
+    yield start_local_app(API_KEY, database_url, max_sessions=2, num_gpus=1,
+                          outbound_allow=[f"{RECEIVER_HOST}/32"])
     serve.shutdown()
     ray.shutdown()
 
@@ -30,22 +39,25 @@ def presence(tmp_path_factory):
 class WebhookReceiver:
     """A local HTTP server that records the JSON bodies POSTed to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0, status: int = 200, port: int = 0) -> None:
         self.received: list[dict] = []
+        self.raw: list[tuple[dict, str]] = []  # (headers, body) as delivered, for signature checks
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                time.sleep(delay_s)  # a slow endpoint
+                outer.raw.append((dict(self.headers), body.decode()))
                 outer.received.append(json.loads(body))
-                self.send_response(200)
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = ThreadingHTTPServer((RECEIVER_HOST, port), Handler)
+        self.url = f"http://{RECEIVER_HOST}:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def types(self) -> list[str]:

@@ -66,7 +66,7 @@ def test_fit_recovers_a_face_and_measures_it_on_held_back_pixels():
 def test_media_limits():
     from models.media import MediaError, probe_media
 
-    with pytest.raises(MediaError, match="not a readable image"):
+    with pytest.raises(MediaError, match="not a readable PNG image"):
         probe_media(b"\x89PNG garbage", "image/png")
     with pytest.raises(MediaError, match="unsupported"):
         probe_media(b"hello", "text/plain")
@@ -84,6 +84,34 @@ def test_media_limits():
         probe_media(b"\x00" * 1000, "video/mp4")
     ok = probe_media(video_of([np.zeros((96, 96, 3), np.uint8)] * 5), "video/mp4")
     assert ok["kind"] == "video" and ok["width"] == 96
+
+
+def decompression_bomb(width: int, height: int) -> bytes:
+    """A few kB of PNG that claims width x height pixels (1-bit, all zero: it compresses to nothing)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_hostile_uploads_are_refused_before_decoding():
+    from models.media import MediaError, probe_media
+
+    for w, h in ((8000, 8000), (20000, 10000)):  # 64 MP (under Pillow's own bomb check), 200 MP (over it)
+        bomb = decompression_bomb(w, h)
+        assert len(bomb) < 200_000
+        with pytest.raises(MediaError):
+            probe_media(bomb, "image/png")
+    # A playlist sent as a video: no demuxer that follows URLs or file names is ever opened.
+    playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:8265/segment.ts\n#EXT-X-ENDLIST\n"
+    with pytest.raises(MediaError):
+        probe_media(playlist, "video/mp4")
+    concat = b"ffconcat version 1.0\nfile '/etc/passwd'\n"
+    with pytest.raises(MediaError):
+        probe_media(concat, "video/webm")
+    with pytest.raises(MediaError):  # a PNG declared as JPEG is not opened as a PNG
+        probe_media(decompression_bomb(100, 100), "image/jpeg")
 
 
 def test_replica_api_and_a_conversation_with_the_fitted_face(idle, presence, api_key):

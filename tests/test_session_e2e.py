@@ -81,6 +81,13 @@ def test_spoken_turn_end_to_end(idle, presence, api_key, question, webhook):
     assert all(t.startswith(("system.", "application.")) for t in types)
     shutdown = next(e for e in webhook.received if e["event_type"] == "system.shutdown")
     assert shutdown["properties"]["shutdown_reason"] == "end_conversation_endpoint_hit"
+    assert types.count("system.shutdown") == 1 and types.count("application.transcription_ready") == 1
+    # Every delivery is signed (Standard Webhooks) with the deployment's secret, and verifies.
+    from serve_app.webhooks import verify
+
+    secret = httpx.get(f"{presence}/v2/webhooks/secret", headers={"x-api-key": api_key}).json()["secret"]
+    assert webhook.raw and all(verify(secret, h, body) for h, body in webhook.raw)
+    assert len({h["webhook-id"] for h, _ in webhook.raw}) == len(webhook.raw)
 
 
 def test_two_sessions_at_once(idle, presence, api_key, question):
@@ -128,7 +135,7 @@ def test_echo_interrupt_and_client_leaving(idle, presence, api_key):
     assert stopped["properties"]["interrupted"] is True
     text = said["properties"]["speech"]
     assert said["properties"]["interrupted"] and text.startswith("Hello") and "interrupted." not in text
-    assert "bad client message" in err["properties"]["message"]
+    assert err["properties"]["code"] == "bad_message"
     assert got["status"] == "ended" and got["shutdown_reason"] == "participant_left_timeout"
     assert got["transcript"] and got["transcript"][0]["role"] == "replica"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serve_app.events import Event, ShutdownReason
-from serve_app.schemas import DEFAULT_PERSONA, ConversationProperties, PersonaIn
+from serve_app.schemas import DEFAULT_PERSONA, OPERATOR_GRANTS, ConversationProperties, PersonaIn
 from serve_app.session import Handles, Session, SessionSpec
 from serve_app.session.listener import Listener, UserTurn
 from serve_app.session.recovery import HOLDING_PHRASE
@@ -279,9 +279,10 @@ class BlankRenderer:
         return np.zeros((16, 16, 3), np.uint8)
 
 
-def make_session(models: Models, persona: PersonaIn = DEFAULT_PERSONA, **props) -> Session:
+def make_session(models: Models, persona: PersonaIn = DEFAULT_PERSONA, grants: frozenset[str] = OPERATOR_GRANTS,
+                 **props) -> Session:
     properties = ConversationProperties.model_construct(**{**ConversationProperties().model_dump(), **props})
-    spec = SessionSpec("c-test", "v=0", persona, properties)
+    spec = SessionSpec("c-test", "v=0", persona, properties, grants=grants)
     handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts, health=models.health)
     return Session(spec, handles, BlankRenderer(), fake_vad, fps=10)
 
@@ -499,6 +500,8 @@ def test_client_control_messages():
     async def run():
         models = Models(clause_s=0.2)
         s = make_session(models)
+        told: list[dict] = []
+        s.control.reply = lambda event_type, **props: told.append({"event_type": event_type, **props})
         player = asyncio.ensure_future(play_audio(s))
         send = s.control.on_message
         send(json.dumps({"event_type": "conversation.echo", "properties": {"text": "Hello there."}}))
@@ -511,17 +514,19 @@ def test_client_control_messages():
         send(json.dumps({"event_type": "conversation.echo", "properties": ["not", "an", "object"]}))
         player.cancel()
         await s.close()
-        return models, events(s)
+        return models, events(s), told
 
-    models, evs = asyncio.run(run())
+    models, evs, told = asyncio.run(run())
     assert models.tts.synthesize.calls[0][0] == "Hello there."
     assert len(models.prompts) == 1  # echo never asks the LLM
     prompt = models.prompts[0]
     assert "Closed Sundays." in prompt[0]["content"] and prompt[-1] == {"role": "user", "content": "Are you open Sunday?"}
     speech = [(e["properties"]["role"], e["properties"]["speech"]) for e in of_type(evs, Event.UTTERANCE)]
     assert speech[:2] == [("replica", "Hello there."), ("user", "Are you open Sunday?")]
-    errors = [e["properties"]["message"] for e in of_type(evs, Event.ERROR)]
-    assert len(errors) == 3 and "bad client message" in errors[0] and "unknown event_type" in errors[1]
+    # Refusals go to the sender alone, never to the stream (and so never to the webhook), without its text.
+    assert not of_type(evs, Event.ERROR)
+    assert [t["code"] for t in told] == ["bad_message", "unknown_event", "bad_message"]
+    assert "dance" not in json.dumps(told)
 
 
 def test_shutdown_reasons():

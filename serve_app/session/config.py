@@ -41,6 +41,9 @@ class SessionSpec:
     video_mode: str | None = None  # "client" | "server" as the conversation or persona asks; None: the host's default
     replica_id: str = "r-stock"
     head_version: str = ""  # content hash of the head file the browser fetches in client mode
+    # What the joined client may send on the data channel (schemas.PARTICIPANT_GRANTS / OPERATOR_GRANTS).
+    grants: frozenset[str] = frozenset({"respond", "interrupt"})
+    callback_url: str | None = None  # the conversation's webhook endpoint (the host queues its deliveries)
 
 
 @dataclass(frozen=True)

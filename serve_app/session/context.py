@@ -25,6 +25,10 @@ class LLMContext:
         """conversation.overwrite_llm_context."""
         self.context = text
 
+    def extra_chars(self) -> int:
+        """Characters of conversational context (what appends add to), for the session's budget."""
+        return len(self.context)
+
     def add_user(self, text: str) -> None:
         """The user's words. Not the camera note the LLM read with them: small models that see past
         notes in the history talk about the notes ("The patient looks nervous...") instead of answering.

@@ -11,7 +11,9 @@ playout's first sample marks `first_audio_sent`. Talking over the avatar pauses 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,8 @@ from serve_app.session.reply import Reply, ReplyParts, play_speech
 from serve_app.session.tasks import Tasks
 from serve_app.session.transport import Transport
 
+log = logging.getLogger("presence.session")
+
 
 class Session:
     """`renderer` None: client video mode (spec.video_mode "client"), where the browser draws the face
@@ -45,7 +49,7 @@ class Session:
         self.cid = spec.conversation_id
         persona = spec.persona
         self.events: asyncio.Queue[dict] = asyncio.Queue()  # everything emitted, for the host's stream
-        self.tasks = Tasks(on_error=lambda exc: self.emit(Event.ERROR, message=f"{type(exc).__name__}: {exc}"))
+        self.tasks = Tasks(on_error=self._task_failed)
         self.shutdown_reason: str | None = None
         self._closed = asyncio.Event()
         self.turns = 0
@@ -74,7 +78,7 @@ class Session:
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
                                       self.perceiver.llm_description, self._reply_finished, handles.health,
                                       self.holding.get)
-        self.control = Control(self, self.context, self.emit, on_context_change=self.prefill.request)
+        self.control = Control(self, self.context, self.tell_client, spec.grants, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
         self.poses = PoseStream(self.face, self.clock, self.audio_out, self.transport) if renderer is None else None
 
@@ -83,6 +87,16 @@ class Session:
         self.events.put_nowait(ev)
         if event_type is not Event.PERCEPTION_SNAPSHOT:  # for the ingress only
             self.transport.send(ev)
+
+    def tell_client(self, event_type: Event, **props: Any) -> None:
+        """An event for the client alone (answers to its own messages): not the webhook, not the stream."""
+        self.transport.send(event(self.cid, event_type, **props))
+
+    def _task_failed(self, exc: BaseException) -> None:
+        # The details (a Ray traceback with pids, node addresses and paths, or an upstream's body)
+        # stay in the host's log; the participant and the webhook learn only which part failed.
+        log.warning("session %s: %s", self.cid, "".join(traceback.format_exception_only(exc)).strip()[:2000])
+        self.emit(Event.ERROR, message="a part of the conversation failed and was restarted", kind=type(exc).__name__)
 
     # --- lifetime --------------------------------------------------------------------------------
     async def start(self) -> str:

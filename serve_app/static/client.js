@@ -175,7 +175,10 @@ async function join(conversationId, token) {
   setStatus("connecting…");
   const res = await fetch(`/v2/conversations/${conversationId}/webrtc`, {
     method: "POST",
-    headers: { "content-type": "application/sdp", authorization: "Bearer " + token },
+    // The operator who created the call (API key in memory) joins with the operator grant: echo and
+    // context changes. A participant (join link) has only the meeting token.
+    headers: { "content-type": "application/sdp", authorization: "Bearer " + token,
+               ...(state.apiKey ? { "x-api-key": state.apiKey } : {}) },
     body: pc.localDescription.sdp,
   });
   if (res.status !== 201) { setStatus("join failed: " + res.status + " " + (await res.text())); return; }
@@ -186,7 +189,7 @@ async function join(conversationId, token) {
 async function start() {
   const apiKey = $("apikey").value.trim();
   if (!apiKey) { setStatus("enter the API key printed by the server"); return; }
-  localStorage.setItem("presence-api-key", apiKey);
+  // Kept in memory only (never in browser storage): nothing can read it back after this tab closes.
   state.apiKey = apiKey;
   $("start").disabled = true;
   try {
@@ -206,7 +209,7 @@ async function end() {
 
 window.addEventListener("load", () => {
   const params = hashParams();
-  $("apikey").value = params.get("key") || localStorage.getItem("presence-api-key") || "";
+  $("apikey").value = params.get("key") || "";
   $("start").onclick = start;
   $("end").onclick = end;
   const m = location.pathname.match(/^\/c\/([\w-]+)/);
