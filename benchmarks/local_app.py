@@ -38,12 +38,14 @@ def deployment_options(name: str) -> dict:
 
 def start_local_app(api_key: str, database_url: str, max_sessions: int | None = None, port: int | None = None,
                     num_gpus: int = 0, deployments: dict[str, dict] | None = None, timeout_s: float = 180,
-                    llm: dict | None = None, outbound_allow: list[str] | None = None) -> str:
+                    llm: dict | None = None, outbound_allow: list[str] | None = None,
+                    address: str | None = None) -> str:
     """ray.init, then deploy configs/cpu.yaml exactly as `serve run configs/cpu.yaml` does (its
     deployment options and autoscaling included), with the test's API key, database, port and any
     per-deployment option `deployments` overrides, `llm` (the LLM deployment's args, e.g. another
     embedded model) in place of the profile's, and `outbound_allow` (CIDRs webhooks and persona
-    endpoints may reach although internal); media on loopback only. Returns the base URL once
+    endpoints may reach although internal); media on loopback only. `address`: join that running cluster
+    (e.g. a ray.cluster_utils.Cluster) instead of starting a one-node one. Returns the base URL once
     /healthz answers. The caller owns shutdown (serve.shutdown(); ray.shutdown())."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PRESENCE_ICE_LOOPBACK"] = "1"  # inherited by the local cluster's workers
@@ -55,7 +57,10 @@ def start_local_app(api_key: str, database_url: str, max_sessions: int | None = 
     from ray.serve.schema import ServeDeploySchema
 
     port = port or free_port()
-    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = cpu_profile_config()
     app = cfg["applications"][0]

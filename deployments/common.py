@@ -65,3 +65,13 @@ class ServiceTimes:
 
     def stats(self) -> dict[str, float]:
         return {stat_keys.P95_SERVICE_MS: self.p95(), stat_keys.IN_FLIGHT: float(self.in_flight)}
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): where a replica landed, for placement checks."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None

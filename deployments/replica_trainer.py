@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray import serve
 
-from deployments.common import limit_threads
+from deployments.common import limit_threads, node_id
 from models.avatar.fit import fit_head
 from models.avatar.head import build_head
 from models.avatar.headfile import save_head
@@ -50,7 +50,7 @@ class ReplicaTrainer:
                 "psnr_after": round(result.psnr_after, 2), "frames_used": result.frames_used,
                 "frames_held_back": result.frames_held_back,
                 "align_score": round(float(min(result.align_scores)), 3) if result.align_scores else None,
-                "fit_s": round(time.perf_counter() - t0, 1)}
+                "fit_s": round(time.perf_counter() - t0, 1), "trained_on_node": node_id()}
 
     async def probe(self, data: bytes, content_type: str) -> dict:
         """The upload's checks (type, size, duration, pixel caps), here rather than in the ingress: a

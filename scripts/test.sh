@@ -7,3 +7,5 @@ bash scripts/setup.sh --browser
 export RAY_AUTH_MODE=disabled
 ruff check .
 python -m pytest -q -rs "$@"
+# A Ray cluster per process: the two-node cluster test runs in its own pytest process, after the rest.
+python -m pytest -q -rs -m multinode "$@"

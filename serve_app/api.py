@@ -484,6 +484,7 @@ class Ingress:
         out["transcript"] = await _db(self.store.transcript, conversation_id)
         if conversation_id in self.sessions.live:
             out["session_host_replica"] = self.sessions.live[conversation_id].replica
+            out["session_host_node"] = self.sessions.live[conversation_id].node
         return out
 
     @app.post("/v2/conversations/{conversation_id}/end", responses=errors(403, 404), operation_id="end_conversation")

@@ -30,6 +30,7 @@ log = logging.getLogger("presence.api")
 class LiveSession:
     gen: Any  # the SessionHost's streaming response
     replica: str | None
+    node: str | None = None  # the Ray node of that SessionHost replica
     started: float = field(default_factory=time.time)
     task: asyncio.Task | None = None  # consumes the stream
     reason: str | None = None  # the end we asked for (POST /end, DELETE)
@@ -85,7 +86,7 @@ class LiveSessions:
             return self.capacity_response(why)
         if first["type"] == "answer":
             metrics.SESSIONS_TOTAL.inc()
-            entry = self.live[cid] = LiveSession(gen, first.get("replica"))
+            entry = self.live[cid] = LiveSession(gen, first.get("replica"), first.get("node"))
             metrics.LIVE_SESSIONS.set(len(self.live))
             entry.task = asyncio.ensure_future(self._consume(cid, entry, spec.callback_url))
         return first

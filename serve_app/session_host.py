@@ -15,7 +15,7 @@ import time
 from ray import serve
 
 from autoscaling import stats
-from deployments.common import ServiceTimes, limit_threads
+from deployments.common import ServiceTimes, limit_threads, node_id
 from deployments.gpu_metrics import start_gpu_metrics
 from models.assets import onnx_session, silero_vad_onnx
 from models.avatar.head import Head, build_head
@@ -78,6 +78,7 @@ class SessionHost:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (never in production)
             self.replica_id = "local"
+        self.node_id = node_id()
 
     async def run(self, spec: SessionSpec):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
@@ -100,7 +101,7 @@ class SessionHost:
             self._heartbeat = asyncio.ensure_future(self._beat())
         if session.video_out is not None:
             session.video_out.on_render = self.frame_times.add
-        yield {"type": "answer", "sdp": answer, "replica": self.replica_id}
+        yield {"type": "answer", "sdp": answer, "replica": self.replica_id, "node": self.node_id}
         runner = asyncio.ensure_future(session.run())
         h = self.handles
         learning = asyncio.ensure_future(self.stage_health.learn([h.asr, h.turn, h.llm, h.tts]))  # while they are up

@@ -191,3 +191,37 @@ def test_queued_webhook_survives_a_restart(tmp_path):
         back.server.shutdown()
     assert back.received[0]["event_type"] == "application.transcription_ready"
     assert store.webhooks()[0].status == "delivered"
+
+
+def test_upstream_error_bodies_never_travel_on():
+    """Was: a non-200 body (300 characters, a traceback) went to the participant and the webhook."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from models.llm import EndpointError, GenerationParams, OpenAICompatibleLLM
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"Traceback (most recent call last): secret=sk-live-123 at /srv/app.py")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((RECEIVER_HOST, 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def run():
+        llm = OpenAICompatibleLLM(f"http://{RECEIVER_HOST}:{server.server_address[1]}/v1",
+                                  http=outbound.client(ALLOW))
+        with pytest.raises(EndpointError) as err:
+            async for _ in llm.stream([{"role": "user", "content": "hi"}], GenerationParams()):
+                pass
+        await llm.aclose()
+        return str(err.value)
+    try:
+        message = asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert "500" in message and "Traceback" not in message and "sk-live" not in message

@@ -171,6 +171,18 @@ def test_tenants_see_only_their_own_rows(presence, http, database_url):
     http.delete(f"/v2/personas/{persona_a['persona_id']}")
 
 
+def test_decompression_bomb_upload_is_refused_not_a_500(http):
+    """Was: a >179 MP PNG gave a 500, and near-limit PNGs decoded to ~0.8 GB in the Ingress."""
+    from tests.test_replicas import decompression_bomb
+
+    for w, h in ((8000, 8000), (20000, 10000)):
+        r = http.post("/v2/replicas", files={"train_video": ("bomb.png", decompression_bomb(w, h), "image/png")})
+        assert r.status_code in (413, 422), (w, h, r.status_code, r.text)
+    playlist = b"#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:8265/x.ts\n#EXT-X-ENDLIST\n"
+    r = http.post("/v2/replicas", files={"train_video": ("v.mp4", playlist, "video/mp4")})
+    assert r.status_code == 422
+
+
 def test_security_headers_and_local_docs(presence):
     page = httpx.get(f"{presence}/")
     csp = page.headers["content-security-policy"]
