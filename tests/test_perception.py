@@ -31,7 +31,11 @@ def voice(tts):
 
 def test_prosody_orders_rate_pitch_and_energy(voice):
     normal, fast, slow = analyse(voice()), analyse(voice(speed=1.6)), analyse(voice(speed=0.6))
-    assert fast.syllables_per_s > normal.syllables_per_s > slow.syllables_per_s
+    # piper samples each take (VITS noise): at 1.6x its syllables blur and the count can dip by ~5 %
+    # (a clean-clone run measured 5.57 fast vs 5.83 normal). Durations order strictly; the rate
+    # estimate is checked across the wide gap, fast vs slow.
+    assert fast.voiced_s < normal.voiced_s < slow.voiced_s
+    assert fast.syllables_per_s > 1.3 * slow.syllables_per_s and normal.syllables_per_s > slow.syllables_per_s
     high = analyse(voice(pitch=1.5))
     assert high.pitch_hz / normal.pitch_hz == pytest.approx(1.5, rel=0.12)
     quiet = analyse(voice(gain=0.05))

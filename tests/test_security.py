@@ -305,8 +305,18 @@ def test_ingress_restart_ends_stale_conversations_and_frees_their_slots(idle, pr
                                   callback_url=webhook.url, owner="default")
     with store.session() as s, s.begin():
         s.get(type(lost), lost.conversation_id).joined_at = time.time() - 120
+    # A delivery queued before the kill, to an endpoint that is down until after the restart.
+    from serve_app.webhooks import queue_webhook
+    from tests.conftest import WebhookReceiver
+
+    probe = WebhookReceiver()
+    down_port = probe.server.server_address[1]
+    probe.server.shutdown(), probe.server.server_close()
+    queue_webhook(store, f"http://127.0.0.2:{down_port}/hook", {"event_type": "application.transcription_ready",
+                                                                  "conversation_id": "c-before-the-kill"})
     time.sleep(5.5)
     kill_ingress(presence)
+    back = WebhookReceiver(port=down_port)
     deadline = time.time() + 30
     while time.time() < deadline and (store.get_conversation(never["conversation_id"]).status == "active"
                                       or store.get_conversation(lost.conversation_id).status == "active"):
@@ -322,6 +332,11 @@ def test_ingress_restart_ends_stale_conversations_and_frees_their_slots(idle, pr
     got = {(e["conversation_id"], e["event_type"]) for e in webhook.received}
     for cid in want:
         assert {(cid, "system.shutdown"), (cid, "application.transcription_ready")} <= got, got
+    deadline = time.time() + 90  # retried with backoff by the new ingress's queue
+    while time.time() < deadline and not back.received:
+        time.sleep(0.5)
+    back.server.shutdown()
+    assert [e["conversation_id"] for e in back.received] == ["c-before-the-kill"]
     # Both slots are free: max_sessions (2) new conversations fit.
     made = [http.post("/v2/conversations", json={}) for _ in range(2)]
     assert [r.status_code for r in made] == [200, 200]
