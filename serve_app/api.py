@@ -179,10 +179,11 @@ class Ingress:
                  ice_servers: list[dict] | None = None, public_url: str | None = None,
                  database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0,
                  head_gaussians: int = 20000, outbound_policy: dict | None = None, webhook_secret: str | None = None,
-                 webhook_per_endpoint: int = 2) -> None:
+                 webhook_per_endpoint: int = 1) -> None:
         """`outbound_policy`: deployments.outbound (the profile's `outbound`); `webhook_secret`: the
         `whsec_...` deliveries are signed with (PRESENCE_WEBHOOK_SECRET; else one is made and kept
-        in the database, GET /v2/webhooks/secret shows it to an admin key)."""
+        in the database, GET /v2/webhooks/secret shows it to an admin key); `webhook_per_endpoint`:
+        deliveries in flight per endpoint (1 keeps each endpoint's events in order)."""
         keys = api_keys or [k for k in os.environ.get("PRESENCE_API_KEYS", "").split(",") if k]
         if not keys:
             raise ValueError("no API keys configured: set PRESENCE_API_KEYS or the ingress's api_keys")

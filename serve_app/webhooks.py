@@ -3,7 +3,9 @@
 Every delivery is a row (`db.WebhookRow`) written when the event happens, so it survives an ingress
 restart and never waits on the session's event path. A `WebhookQueue` per ingress replica drains due
 rows: at most `per_endpoint` in flight per endpoint (scheme://host:port), so a slow or dead endpoint
-delays only its own deliveries; retries back off exponentially up to `max_attempts`.
+delays only its own deliveries; retries back off exponentially up to `max_attempts`. With one in
+flight (the default) an endpoint gets its events in the order they happened, unless one fails and is
+retried later (receivers deduplicate on webhook-id and must not rely on order).
 
 Each POST carries `webhook-id` (stable over retries), `webhook-timestamp` (Unix seconds) and
 `webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`, where the key is the
@@ -76,7 +78,7 @@ def queue_webhook(store: Store, url: str, payload: dict) -> str:
 
 
 class WebhookQueue:
-    def __init__(self, store: Store, secret: str, policy: outbound.OutboundPolicy, per_endpoint: int = 2,
+    def __init__(self, store: Store, secret: str, policy: outbound.OutboundPolicy, per_endpoint: int = 1,
                  max_attempts: int = 8, poll_s: float = 1.0) -> None:
         self.store, self.secret, self.policy = store, secret, policy
         self.per_endpoint, self.max_attempts, self.poll_s = per_endpoint, max_attempts, poll_s

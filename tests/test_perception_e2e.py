@@ -100,6 +100,7 @@ def test_smiling_vs_neutral_face_changes_perception_and_llm_context(idle, presen
     assert props["attention"] > 0.8 and [t["name"] for t in props["tool_calls"]] == ["user_smiling"]
     assert props["summary"].startswith("The user was visible")
     # The end-of-call analysis arrives before the transcript, and no internal event leaks out.
+    webhook.wait_for("application.transcription_ready")  # delivered from the queue, after the call
     types = webhook.types()
     assert types.index("application.perception_analysis") < types.index("application.transcription_ready")
     assert not any(t.startswith("internal.") for t in types)
