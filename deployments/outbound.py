@@ -15,13 +15,14 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore
 import httpx
+
+from models.http_body import capped_chunks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -134,28 +135,11 @@ def client(policy: OutboundPolicy, headers: dict[str, str] | None = None) -> htt
                              timeout=httpx.Timeout(policy.deadline_s, connect=policy.connect_timeout_s))
 
 
-async def capped_chunks(resp: httpx.Response, policy: OutboundPolicy, started: float) -> AsyncIterator[bytes]:
-    """The response body in chunks, stopped at the policy's byte cap and total deadline."""
-    seen = 0
-    chunks = resp.aiter_bytes()
-    while True:
-        left = policy.deadline_s - (time.monotonic() - started)
-        if left <= 0:
-            raise TimeoutError(f"the response took longer than {policy.deadline_s:.0f} s")
-        try:
-            chunk = await asyncio.wait_for(anext(chunks), left)
-        except StopAsyncIteration:
-            return
-        seen += len(chunk)
-        if seen > policy.max_bytes:
-            raise ValueError(f"the response passed {policy.max_bytes} bytes")
-        yield chunk
-
-
 async def post(http: httpx.AsyncClient, url: str, policy: OutboundPolicy, **kwargs: Any) -> tuple[int, bytes]:
-    """POST under the policy: (status, body, capped). 3xx is returned, never followed."""
-    started = time.monotonic()
+    """POST under the policy: (status, body). 3xx is returned, never followed. The deadline covers
+    connecting and the headers too; the body stops at it and at the byte cap (TimeoutError, ValueError)."""
+    deadline = time.monotonic() + policy.deadline_s
     async with asyncio.timeout(policy.deadline_s):
         async with http.stream("POST", url, **kwargs) as resp:
-            body = b"".join([c async for c in capped_chunks(resp, policy, started)])
+            body = b"".join([c async for c in capped_chunks(resp, deadline, policy.max_bytes)])
             return resp.status_code, body

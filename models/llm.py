@@ -7,7 +7,6 @@ engine on GPU (lazy import).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -19,6 +18,7 @@ from typing import Protocol
 import httpx
 
 from models.assets import embedded_llm
+from models.http_body import capped_chunks
 
 Message = dict[str, str]
 
@@ -127,23 +127,18 @@ class OpenAICompatibleLLM:
 
 async def _sse_data(resp: httpx.Response, deadline: float, max_bytes: int) -> AsyncIterator[str]:
     """The `data:` fields of a server-sent event stream, within a total deadline and byte cap."""
-    chunks, buf, seen = resp.aiter_bytes(), b"", 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise EndpointError("LLM endpoint passed its total deadline")
-        try:
-            chunk = await asyncio.wait_for(anext(chunks), left)
-        except StopAsyncIteration:
-            return
-        seen += len(chunk)
-        if seen > max_bytes:
-            raise EndpointError("LLM endpoint passed its response size cap")
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip().decode("utf-8", "replace")
+    buf = b""
+    try:
+        async for chunk in capped_chunks(resp, deadline, max_bytes):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line.startswith(b"data:"):
+                    yield line[5:].strip().decode("utf-8", "replace")
+    except TimeoutError as exc:
+        raise EndpointError("LLM endpoint passed its total deadline") from exc
+    except ValueError as exc:
+        raise EndpointError("LLM endpoint passed its response size cap") from exc
 
 
 class EmbeddedLlamaCpp(OpenAICompatibleLLM):

@@ -93,7 +93,7 @@ def probe_media(data: bytes, content_type: str) -> dict:
     return {"kind": "video", "width": first.width, "height": first.height, "duration_s": round(duration, 2)}
 
 
-def _decode_video(data: bytes, max_frames: int, content_type: str = "video/mp4") -> list[np.ndarray]:
+def _decode_video(data: bytes, max_frames: int, content_type: str) -> list[np.ndarray]:
     """Up to `max_frames` frames spread over the video. Only the chosen frames are converted to RGB,
     so a minute of HD video never sits in memory as arrays."""
     with _open_video(data, content_type) as (container, stream, duration):
@@ -103,7 +103,7 @@ def _decode_video(data: bytes, max_frames: int, content_type: str = "video/mp4")
         last = max(wanted) if wanted else max_frames - 1
         frames = []
         for i, frame in enumerate(container.decode(stream)):
-            if i > last or i >= MAX_DECODED_FRAMES:  # early stop: the rest of the file is never decoded
+            if i > last:  # early stop (last < MAX_DECODED_FRAMES): the rest of the file is never decoded
                 break
             _check_pixels(frame.width, frame.height)  # a stream may change size midway
             if wanted is None or i in wanted:

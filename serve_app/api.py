@@ -2,7 +2,6 @@
 
 
 import asyncio
-import hashlib
 import logging
 import os
 import secrets
@@ -25,7 +24,7 @@ from serve_app import guard, ledger, metrics
 from serve_app.db import ConversationRow, PersonaRow, ReplicaRow, Store
 from serve_app.events import ShutdownReason
 from serve_app.heads import HeadFiles
-from serve_app.keys import KeyRing, Principal, ensure_configured_keys, key_json, make_key
+from serve_app.keys import KeyRing, Principal, ensure_configured_keys, hash_key, key_json, make_key
 from serve_app.live import LiveSessions
 from serve_app.schemas import (
     DEFAULT_PERSONA,
@@ -87,15 +86,17 @@ app.add_middleware(guard.RequestGuard, body_limit=_body_limit)
 _api_key = APIKeyHeader(name="x-api-key", auto_error=False, description="An API key (`python -m serve_app.keys`)")
 
 
+def key_holder(request: Request) -> Principal | None:
+    """The API key's principal, set by the guard (which refused a bad key with 401); None on a
+    token route called without a key."""
+    return request.scope.get("state", {}).get("principal")
+
+
 def principal(request: Request, _key: str | None = Depends(_api_key)) -> Principal:
-    """Who is calling: set by the guard, which has already refused a missing or bad key with 401."""
-    who = request.scope.get("state", {}).get("principal")
+    """Who is calling, on routes that take only an API key (every key may read)."""
+    who = key_holder(request)
     if who is None:
         raise HTTPException(401, "missing or invalid x-api-key")
-    return who
-
-
-def reader(who: Principal = Depends(principal)) -> Principal:
     return who
 
 
@@ -167,10 +168,6 @@ def _db(fn, *args, **kwargs):
     return asyncio.to_thread(fn, *args, **kwargs)
 
 
-def operator_token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 # Helpers the class calls are defined above it: Serve pickles the ingress class by value.
 @serve.deployment
 @serve.ingress(app)
@@ -207,22 +204,21 @@ class Ingress:
         # Conversations no host holds any more (this ingress died with them, or their host did) end now.
         ledger.end_lost(self.store)
         self._reconciled_at = time.monotonic()
-        self._background: list[asyncio.Task] = []
+        self._delivery: asyncio.Task | None = None  # the webhook queue's loop
         try:
             asyncio.get_running_loop()
-            self._start_background()
-        except RuntimeError:  # constructed off the loop: the first health check starts them
+            self._start_delivery()
+        except RuntimeError:  # constructed off the loop: the first health check starts it
             pass
 
-    def _start_background(self) -> None:
-        if not self._background:
-            self._background = [asyncio.ensure_future(self.webhooks.run())]
+    def _start_delivery(self) -> None:
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.ensure_future(self.webhooks.run())
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it also (re)starts the webhook queue's loop and runs
         reconciliation (conversations whose host stopped beating end with a reason)."""
-        self._background = [t for t in self._background if not t.done()]
-        self._start_background()
+        self._start_delivery()
         if time.monotonic() - self._reconciled_at > ledger.STALE_S / 3:
             self._reconciled_at = time.monotonic()
             try:
@@ -231,11 +227,12 @@ class Ingress:
             except Exception as exc:  # reconciliation retries at the next health check
                 log.warning("reconciliation failed: %s", type(exc).__name__)
 
-    async def _check_destination(self, url: str | None, what: str, base_url: bool = False) -> None:
+    async def _check_destination(self, url: object | None, what: str, base_url: bool = False) -> None:
+        """422 with the reason if the outbound policy would refuse `url` (None: nothing to check)."""
         if url is None:
             return
         try:
-            await check_destination(url, self.policy, base_url=base_url)
+            await check_destination(str(url), self.policy, base_url=base_url)
         except ValueError as exc:
             raise HTTPException(422, f"{what}: {exc}") from exc
 
@@ -333,19 +330,18 @@ class Ingress:
         **errors(403), **linked("persona", "persona_id", "get_persona", "patch_persona", "delete_persona")})
     async def create_persona(self, body: PersonaIn, who: Principal = Depends(operator)):
         """`layers.llm.base_url` must pass the outbound policy (no loopback or private address unless allowed)."""
-        llm_url = body.layers.llm.base_url
-        await self._check_destination(str(llm_url) if llm_url else None, "layers.llm.base_url", base_url=True)
+        await self._check_destination(body.layers.llm.base_url, "layers.llm.base_url", base_url=True)
         row = await _db(self.store.add_persona, body.model_dump(mode="json"), who.owner)
         return persona_json(row)
 
     @app.get("/v2/personas", responses=errors())
     async def list_personas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1, le=MAX_PAGE),
-                            who: Principal = Depends(reader)):
+                            who: Principal = Depends(principal)):
         rows, total = await _db(self.store.list_personas, limit, (page - 1) * limit, who.owner)
         return {"data": [persona_json(r) for r in rows], "total_count": total}
 
     @app.get("/v2/personas/{persona_id}", responses=errors(404), operation_id="get_persona")
-    async def get_persona(self, persona_id: str, who: Principal = Depends(reader)):
+    async def get_persona(self, persona_id: str, who: Principal = Depends(principal)):
         return persona_json(await self._persona(persona_id, who))
 
     @app.patch("/v2/personas/{persona_id}", responses=errors(403, 404), operation_id="patch_persona")
@@ -362,8 +358,7 @@ class Ingress:
             model = PersonaIn(**merged)
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
-        if model.layers.llm.base_url:
-            await self._check_destination(str(model.layers.llm.base_url), "layers.llm.base_url", base_url=True)
+        await self._check_destination(model.layers.llm.base_url, "layers.llm.base_url", base_url=True)
         data = model.model_dump(mode="json")
         return persona_json(await _db(self.store.update_persona, persona_id, data))
 
@@ -396,12 +391,12 @@ class Ingress:
 
     @app.get("/v2/replicas", responses=errors())
     async def list_replicas(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1, le=MAX_PAGE),
-                            who: Principal = Depends(reader)):
+                            who: Principal = Depends(principal)):
         rows, total = await _db(self.store.list_replicas, limit, (page - 1) * limit, who.owner)
         return {"data": [replica_json(r) for r in rows], "total_count": total}
 
     @app.get("/v2/replicas/{replica_id}", responses=errors(404), operation_id="get_replica")
-    async def get_replica(self, replica_id: str, who: Principal = Depends(reader)):
+    async def get_replica(self, replica_id: str, who: Principal = Depends(principal)):
         return replica_json(await self._replica(replica_id, who))
 
     @app.delete("/v2/replicas/{replica_id}", status_code=204, responses=errors(403, 404, 409), operation_id="delete_replica")
@@ -426,7 +421,7 @@ class Ingress:
         """The replica's head for the browser's renderer (client video mode; `encode_head`'s format).
         Authorised by an API key, or by the meeting token of a live conversation with this replica.
         `v` is the content hash the session announced: with it the response is cacheable for good."""
-        who = request.scope.get("state", {}).get("principal")
+        who = key_holder(request)
         if who is None:
             token = _bearer(authorization)
             conv = await _db(self.store.conversation_by_token, token) if token and len(token) <= 200 else None
@@ -459,7 +454,7 @@ class Ingress:
     async def create_conversation(self, body: ConversationIn, request: Request, who: Principal = Depends(operator)):
         """The response is the only place the meeting token (and the joinable `conversation_url`) appears.
         `callback_url` must pass the outbound policy."""
-        await self._check_destination(str(body.callback_url) if body.callback_url else None, "callback_url")
+        await self._check_destination(body.callback_url, "callback_url")
         await self._persona_model(body.persona_id, who)  # 404 on an unknown persona, before anything is created
         await self._ready_replica(body.replica_id or STOCK_REPLICA, who)
         if await self.sessions.full():
@@ -474,13 +469,13 @@ class Ingress:
     async def list_conversations(self, request: Request, limit: int = Query(10, ge=1, le=100),
                                  page: int = Query(1, ge=1, le=MAX_PAGE),
                                  status: str | None = Query(None, pattern="^(active|ended)$"),
-                                 who: Principal = Depends(reader)):
+                                 who: Principal = Depends(principal)):
         rows, total = await _db(self.store.list_conversations, limit, (page - 1) * limit, status, who.owner)
         return {"data": [conversation_json(r, self._base(request)) for r in rows], "total_count": total}
 
     @app.get("/v2/conversations/{conversation_id}", responses=errors(404), operation_id="get_conversation")
     async def get_conversation(self, conversation_id: str, request: Request, verbose: bool = False,
-                               who: Principal = Depends(reader)):
+                               who: Principal = Depends(principal)):
         out = conversation_json(await self._conversation(conversation_id, who), self._base(request))
         out["transcript"] = await _db(self.store.transcript, conversation_id)
         if conversation_id in self.sessions.live:
@@ -512,7 +507,7 @@ class Ingress:
         if row.status != "active":
             raise HTTPException(409, f"conversation is {row.status}")
         token = "op_" + secrets.token_urlsafe(24)
-        await _db(self.store.set_conversation_data, conversation_id, operator_token=operator_token_hash(token))
+        await _db(self.store.set_conversation_data, conversation_id, operator_token=hash_key(token))
         return {"conversation_id": conversation_id, "token": token, "grants": sorted(body.grants())}
 
     # --- WebRTC signalling (WHIP-style: POST the offer, 201 with the answer) -----------------------------------
@@ -525,19 +520,19 @@ class Ingress:
     async def webrtc_offer(self, conversation_id: str, request: Request,
                            authorization: str | None = Header(None, description="Bearer <meeting_token or operator token>"),
                            _key: str | None = Depends(_api_key)):
-        key_holder = request.scope.get("state", {}).get("principal")
+        holder = key_holder(request)
         token = _bearer(authorization)
-        if key_holder is None and not token:
+        if holder is None and not token:
             raise HTTPException(401, "missing join token (Authorization: Bearer <meeting_token>)")
-        row = await self._conversation(conversation_id, key_holder)  # a key sees only its own conversations
+        row = await self._conversation(conversation_id, holder)  # a key sees only its own conversations
         persona = await self._persona_model(row.persona_id, None)
-        if key_holder is not None:
-            if not key_holder.can("operator"):
+        if holder is not None:
+            if not holder.can("operator"):
                 raise HTTPException(403, "joining with an API key needs an operator key")
             grants = OPERATOR_GRANTS
         elif _token_matches(token, row.meeting_token):
             grants = set(persona.participant_grants)
-        elif token.startswith("op_") and _token_matches(operator_token_hash(token), (row.data or {}).get("operator_token")):
+        elif token.startswith("op_") and _token_matches(hash_key(token), (row.data or {}).get("operator_token")):
             grants = OPERATOR_GRANTS
         else:
             raise HTTPException(401, "missing or invalid join token (Authorization: Bearer <meeting_token>)")

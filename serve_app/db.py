@@ -166,11 +166,10 @@ class Store:
         return model.owner == owner
 
     def _get(self, model: type[Base], key: str, owner: str | None = None):
+        q = select(model).where(inspect(model).primary_key[0] == key)
+        visible = self._visible(model, owner)
         with self.session() as s:
-            row = s.get(model, key)
-        if row is None or owner is None or row.owner == owner or (model is ReplicaRow and row.owner is None):
-            return row
-        return None
+            return s.scalars(q if visible is None else q.where(visible)).first()
 
     def _page(self, model: type[Base], limit: int, offset: int, order, where=None, owner: str | None = None) -> tuple[list, int]:
         q, cq = select(model), select(func.count()).select_from(model)
@@ -279,14 +278,11 @@ class Store:
         (POST /end on any ingress replica, or reconciliation): the host shuts them down."""
         if not conversation_ids:
             return []
+        mine = ConversationRow.conversation_id.in_(conversation_ids)
         with self.session() as s, s.begin():
-            s.execute(update(ConversationRow).where(ConversationRow.conversation_id.in_(conversation_ids))
-                      .values(host_seen_at=now))
-            ended = s.scalars(select(ConversationRow.conversation_id).where(
-                ConversationRow.conversation_id.in_(conversation_ids), ConversationRow.status != "active")).all()
-            gone = set(conversation_ids) - set(s.scalars(select(ConversationRow.conversation_id).where(
-                ConversationRow.conversation_id.in_(conversation_ids))).all())
-            return [*ended, *gone]
+            s.execute(update(ConversationRow).where(mine).values(host_seen_at=now))
+            status = dict(s.execute(select(ConversationRow.conversation_id, ConversationRow.status).where(mine)).all())
+        return [cid for cid in conversation_ids if status.get(cid) != "active"]  # ended, or deleted
 
     def _holding(self, now: float, stale_s: float):
         """Active conversations a host holds (a fresh heartbeat, or joined so recently it has not beaten yet)."""
@@ -393,10 +389,6 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(WebhookRow).where(WebhookRow.status == "pending", WebhookRow.next_at <= now)
                                   .order_by(WebhookRow.id).limit(limit)).all())
-
-    def next_webhook_at(self) -> float | None:
-        with self.session() as s:
-            return s.scalar(select(func.min(WebhookRow.next_at)).where(WebhookRow.status == "pending"))
 
     def claim_webhook(self, row_id: int, seen_next_at: float, lease_until: float) -> bool:
         """Lease a due delivery to this replica; True for exactly one claimant."""

@@ -130,13 +130,13 @@ class SessionHost:
             self.sessions.pop(session.cid, None)
             await asyncio.shield(self._finish(session, spec, shutdown_sent))
 
-    async def _keep(self, spec: SessionSpec, ev: dict) -> bool:
+    async def _keep(self, spec: SessionSpec, ev: dict) -> None:
         """Store one event (one retry). A session whose events cannot be stored ends with reason
         `error` rather than talking on with nothing kept: the transcript so far stays."""
         for attempt in range(2):
             try:
                 await asyncio.to_thread(ledger.keep_event, self.store, spec.callback_url, ev)
-                return True
+                return
             except Exception as exc:
                 log.warning("session %s: could not store %s: %s", spec.conversation_id, ev["event_type"],
                             type(exc).__name__)
@@ -144,8 +144,7 @@ class SessionHost:
                     await asyncio.sleep(0.5)
         session = self.sessions.get(spec.conversation_id)
         if session is not None:
-            asyncio.ensure_future(session.shutdown(ShutdownReason.ERROR))
-        return False
+            await session.shutdown(ShutdownReason.ERROR)
 
     async def _finish(self, session: Session, spec: SessionSpec, shutdown_sent: bool) -> None:
         await session.close()
@@ -172,7 +171,7 @@ class SessionHost:
             for cid in ended:
                 session = self.sessions.get(cid)
                 if session is not None:
-                    asyncio.ensure_future(session.shutdown(ShutdownReason.ENDPOINT_HIT))
+                    await session.shutdown(ShutdownReason.ENDPOINT_HIT)
             await asyncio.sleep(ledger.HEARTBEAT_S)
 
     def _renderer(self, head_path: str | None):

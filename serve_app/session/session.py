@@ -11,9 +11,7 @@ playout's first sample marks `first_audio_sent`. Talking over the avatar pauses 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +33,6 @@ from serve_app.session.recovery import HoldingPhrases
 from serve_app.session.reply import Reply, ReplyParts, play_speech
 from serve_app.session.tasks import Tasks
 from serve_app.session.transport import Transport
-
-log = logging.getLogger("presence.session")
 
 
 class Session:
@@ -94,9 +90,9 @@ class Session:
 
     def _task_failed(self, exc: BaseException) -> None:
         # The details (a Ray traceback with pids, node addresses and paths, or an upstream's body)
-        # stay in the host's log; the participant and the webhook learn only which part failed.
-        log.warning("session %s: %s", self.cid, "".join(traceback.format_exception_only(exc)).strip()[:2000])
-        self.emit(Event.ERROR, message="a part of the conversation failed and was restarted", kind=type(exc).__name__)
+        # stay in the host's log (Tasks logs them); the participant and the webhook learn only which
+        # kind of part failed.
+        self.emit(Event.ERROR, message="a part of the conversation failed", kind=type(exc).__name__)
 
     # --- lifetime --------------------------------------------------------------------------------
     async def start(self) -> str:
