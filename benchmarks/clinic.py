@@ -25,6 +25,39 @@ PERSONA = {
 }
 
 
+# A knowledge-base document for the clinic (benchmarks/turn_latency.py --documents): what a patient
+# handbook holds beyond the persona's page of facts.
+HANDBOOK = """# Riverside Dental patient handbook
+
+## Before your visit
+Bring your insurance card and a list of the medicines you take. Eat normally before a check-up.
+Children under 16 come with a parent or guardian.
+
+## After a filling
+Do not eat for 2 hours while the numbness wears off. Mild sensitivity for a few days is normal.
+Call us if the pain lasts more than a week.
+
+## After a tooth extraction
+Bite on the gauze for 30 minutes. No hot drinks, smoking or sport for 24 hours.
+Rinse gently with salt water from the second day.
+
+## Whitening
+Whitening takes one visit of about 90 minutes. Avoid coffee, tea and red wine for 48 hours after it.
+The result lasts one to three years.
+
+## Emergencies
+For a knocked-out tooth, keep it in milk and come in within one hour.
+Outside opening hours, call the emergency line 555 0199.
+
+## Payment
+We take cards and cash. Treatment over 500 dollars can be paid in monthly instalments.
+A missed appointment without notice costs 30 dollars.
+
+## Accessibility
+There is a lift to the second floor and a wheelchair accessible toilet. Guide dogs are welcome.
+"""
+
+
 @dataclass(frozen=True)
 class Question:
     text: str

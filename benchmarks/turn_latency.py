@@ -271,6 +271,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turn_latency.json"))
     ap.add_argument("--llm-model", help="another embedded LLM (models.assets.EMBEDDED_LLMS) instead of the profile's")
     ap.add_argument("--llm-threads", type=int, default=1)
+    ap.add_argument("--documents", action="store_true",
+                    help="the persona also has a knowledge-base document (the clinic handbook): passages every turn")
     ap.add_argument("--video-mode", choices=["client", "server"], help="the conversations' video mode (default: the "
                     "profile's); client: poses on the data channel, no video rendered or sent")
     a = ap.parse_args()
@@ -292,7 +294,19 @@ def main() -> None:
     # started from this process at its niceness, as `serve run` from a shell), run the client at the
     # niceness Ray gives its workers (15), so it neither outranks the server it measures nor is starved.
     os.nice(max(0, 15 - os.nice(0)))
-    persona_id = httpx.post(f"{url}/v2/personas", json=PERSONA, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
+    persona = dict(PERSONA)
+    if a.documents:
+        from benchmarks.clinic import HANDBOOK
+
+        doc = httpx.post(f"{url}/v2/documents", files={"file": ("handbook.md", HANDBOOK.encode(), "text/markdown")},
+                         headers={"x-api-key": key}, timeout=60).json()
+        while doc["status"] == "processing":
+            time.sleep(0.5)
+            doc = httpx.get(f"{url}/v2/documents/{doc['document_id']}", headers={"x-api-key": key}, timeout=30).json()
+        if doc["status"] != "ready":
+            raise RuntimeError(f"the handbook was not ingested: {doc}")
+        persona["document_ids"] = [doc["document_id"]]
+    persona_id = httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
     face = face_photo()
@@ -303,6 +317,7 @@ def main() -> None:
     cpu1 = cpu_seconds()
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
+              "knowledge_base": "clinic handbook (benchmarks/clinic.py HANDBOOK)" if a.documents else None,
               "video_mode": a.video_mode or "profile default",
               "metric": "speech end -> first reply audio at the client (camera on, clinic persona, 12-turn "
                         "conversations with mid-turn pauses and barge-ins)",

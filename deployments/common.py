@@ -75,3 +75,14 @@ def node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+def default_database_url() -> str:
+    """DATABASE_URL, else the SQLite file data/presence.db (PRESENCE_DB) beside the code."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PRESENCE_DB", os.path.join(root, "data", "presence.db"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"sqlite:///{path}"

@@ -11,6 +11,7 @@ from deployments import outbound
 from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM, StreamEnd
+from models.tools import ToolCall, split_tool_calls
 
 
 def make_backend(kind: str, **kw):
@@ -55,14 +56,18 @@ class LLM:
         return self._external[key]
 
     async def stream(self, messages: list[dict], params: GenerationParams | None = None,
-                     endpoint: dict | None = None) -> AsyncIterator[str | StreamEnd]:
-        """Yields text pieces as they are generated, then a StreamEnd. Cancelling the call stops
-        generation."""
+                     endpoint: dict | None = None, tools: list[dict] | None = None
+                     ) -> AsyncIterator[str | ToolCall | StreamEnd]:
+        """Yields text pieces as they are generated, the tool calls the model made (native, or written
+        in the text tool format: models.tools), then a StreamEnd. Cancelling the call stops generation."""
         t0 = time.perf_counter()
         first = True
         self.ttft.in_flight += 1
+        stream = self._backend_for(endpoint).stream(messages, params or GenerationParams(), tools)
+        if tools:
+            stream = split_tool_calls(stream, {t["function"]["name"] for t in tools})
         try:
-            async for piece in self._backend_for(endpoint).stream(messages, params or GenerationParams()):
+            async for piece in stream:
                 if first:
                     self.ttft.add((time.perf_counter() - t0) * 1000)
                     first = False
@@ -70,10 +75,11 @@ class LLM:
         finally:
             self.ttft.in_flight -= 1
 
-    async def prefill(self, messages: list[dict], endpoint: dict | None = None) -> int | None:
+    async def prefill(self, messages: list[dict], endpoint: dict | None = None,
+                      tools: list[dict] | None = None, lead: str = "") -> int | None:
         """Warm the prompt cache with a conversation prefix (persona, context, history) while the user
         is still speaking; returns the tokens processed, None where the backend has no cache to warm."""
-        return await self._backend_for(endpoint).prefill(messages)
+        return await self._backend_for(endpoint).prefill(messages, tools, lead)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.ttft.stats()

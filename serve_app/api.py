@@ -19,6 +19,7 @@ from ray import serve
 from swagger_ui_bundle import swagger_ui_path
 
 from deployments.outbound import OutboundPolicy, check_destination
+from models.documents import DocumentError, kind_of
 from models.media import IMAGE_TYPES, VIDEO_TYPES
 from serve_app import guard, ledger, metrics
 from serve_app.db import ConversationRow, PersonaRow, ReplicaRow, Store
@@ -31,6 +32,7 @@ from serve_app.schemas import (
     OPERATOR_GRANTS,
     ConversationIn,
     ConversationProperties,
+    DocumentURLIn,
     KeyIn,
     OfferJSON,
     OperatorTokenIn,
@@ -38,13 +40,14 @@ from serve_app.schemas import (
     PersonaPatch,
 )
 from serve_app.session import SessionSpec
-from serve_app.views import conversation_json, persona_json, replica_json
-from serve_app.webhooks import WebhookQueue, new_secret
+from serve_app.views import conversation_json, document_json, memory_json, persona_json, replica_json
+from serve_app.webhooks import WebhookQueue, new_secret, queue_webhook
 
 log = logging.getLogger("presence.api")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # 1 MiB: no JSON body or SDP offer is anywhere near this
 MAX_UPLOAD = 50 << 20  # replica training media (POST /v2/replicas)
+MAX_DOCUMENT = 20 << 20  # a knowledge-base upload (POST /v2/documents)
 MAX_PAGE = 100_000  # paging beyond this is a client bug (and once overflowed SQLite's integer: a 500)
 STOCK_REPLICA = "r-stock"
 
@@ -73,7 +76,11 @@ def linked(kind: str, id_field: str, *operations: str) -> dict:
 
 
 def _body_limit(method: str, path: str) -> int:
-    return MAX_UPLOAD if method == "POST" and path.rstrip("/") == "/v2/replicas" else MAX_BODY
+    if method == "POST" and path.rstrip("/") == "/v2/replicas":
+        return MAX_UPLOAD
+    if method == "POST" and path.rstrip("/") == "/v2/documents":
+        return MAX_DOCUMENT
+    return MAX_BODY
 
 
 app = FastAPI(title="Presence", version="0.1.0", docs_url=None, redoc_url=None,
@@ -172,7 +179,7 @@ def _db(fn, *args, **kwargs):
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, session_host, trainer=None, api_keys: list[str] | None = None, max_sessions: int = 2,
+    def __init__(self, session_host, trainer=None, knowledge=None, api_keys: list[str] | None = None, max_sessions: int = 2,
                  ice_servers: list[dict] | None = None, public_url: str | None = None,
                  database_url: str | None = None, answer_timeout_s: float = 30.0, join_window_s: float = 60.0,
                  head_gaussians: int = 20000, outbound_policy: dict | None = None, webhook_secret: str | None = None,
@@ -191,7 +198,8 @@ class Ingress:
         self.keyring = KeyRing(self.store)
         guard.set_authenticator(self._authenticate)
         self.trainer = trainer
-        self._training: set[asyncio.Task] = set()  # in-flight fits (referenced until they finish)
+        self.knowledge = knowledge  # deployments.knowledge (None: no knowledge base deployed)
+        self._training: set[asyncio.Task] = set()  # in-flight fits and ingests (referenced until they finish)
         self.heads = HeadFiles(head_gaussians)
         if self.store.get_replica(STOCK_REPLICA) is None:
             self.store.add_replica("Stock", status="ready", data={"stock": True}, replica_id=STOCK_REPLICA)
@@ -203,6 +211,7 @@ class Ingress:
                                      self.webhooks)
         # Conversations no host holds any more (this ingress died with them, or their host did) end now.
         ledger.end_lost(self.store)
+        self._end_stale_documents()
         self._reconciled_at = time.monotonic()
         self._delivery: asyncio.Task | None = None  # the webhook queue's loop
         try:
@@ -227,6 +236,11 @@ class Ingress:
             except Exception as exc:  # reconciliation retries at the next health check
                 log.warning("reconciliation failed: %s", type(exc).__name__)
 
+    def _end_stale_documents(self) -> None:
+        """Documents whose ingest was lost with an earlier ingress (processing for over 10 minutes) end in error."""
+        for document_id in self.store.stale_documents(time.time() - 600):
+            self.store.update_document(document_id, "error", error="processing was interrupted; upload it again")
+
     async def _check_destination(self, url: object | None, what: str, base_url: bool = False) -> None:
         """422 with the reason if the outbound policy would refuse `url` (None: nothing to check)."""
         if url is None:
@@ -235,6 +249,22 @@ class Ingress:
             await check_destination(str(url), self.policy, base_url=base_url)
         except ValueError as exc:
             raise HTTPException(422, f"{what}: {exc}") from exc
+
+    async def _documents(self, ids: list[str], tags: list[str], owner: str | None) -> list[str]:
+        """The documents `ids` and `tags` name, for `owner`; 422 naming an unknown id."""
+        if not ids and not tags:
+            return []
+        found, missing = await _db(self.store.documents_visible, ids, tags, owner)
+        if missing:
+            raise HTTPException(422, f"unknown document_id {missing[0]}")
+        return found
+
+    async def _check_persona_urls(self, persona: PersonaIn) -> None:
+        """The persona's LLM endpoint and tool delivery URLs must pass the outbound policy."""
+        await self._check_destination(persona.layers.llm.base_url, "layers.llm.base_url", base_url=True)
+        for i, tool in enumerate(persona.layers.llm.tools):
+            if tool.delivery is not None:
+                await self._check_destination(tool.delivery.url, f"layers.llm.tools[{i}].delivery.url")
 
     async def _authenticate(self, key: str) -> Principal | None:
         return await _db(self.keyring.lookup, key)
@@ -330,7 +360,8 @@ class Ingress:
         **errors(403), **linked("persona", "persona_id", "get_persona", "patch_persona", "delete_persona")})
     async def create_persona(self, body: PersonaIn, who: Principal = Depends(operator)):
         """`layers.llm.base_url` must pass the outbound policy (no loopback or private address unless allowed)."""
-        await self._check_destination(body.layers.llm.base_url, "layers.llm.base_url", base_url=True)
+        await self._check_persona_urls(body)
+        await self._documents(body.document_ids, [], who.owner)
         row = await _db(self.store.add_persona, body.model_dump(mode="json"), who.owner)
         return persona_json(row)
 
@@ -358,7 +389,8 @@ class Ingress:
             model = PersonaIn(**merged)
         except ValidationError as exc:
             raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
-        await self._check_destination(model.layers.llm.base_url, "layers.llm.base_url", base_url=True)
+        await self._check_persona_urls(model)
+        await self._documents(model.document_ids, [], who.owner)
         data = model.model_dump(mode="json")
         return persona_json(await _db(self.store.update_persona, persona_id, data))
 
@@ -447,6 +479,127 @@ class Ingress:
         except (OSError, ValueError) as exc:
             raise HTTPException(409, "the replica's head cannot be loaded") from exc
 
+    # --- knowledge base ---------------------------------------------------------------------------------
+    @app.post("/v2/documents", status_code=200, responses={
+        **errors(403, 415, 503), **linked("document", "document_id", "get_document", "delete_document")},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary", "description": "txt, md, pdf or html"},
+                "document_name": {"type": "string", "maxLength": 200},
+                "tags": {"type": "string", "description": "comma-separated"},
+                "callback_url": {"type": "string"}}}},
+            "application/json": {"schema": DocumentURLIn.model_json_schema()}}}})
+    async def create_document(self, request: Request, who: Principal = Depends(operator)):
+        """An upload (multipart `file`: txt, md, pdf or html, at most 20 MB) or JSON {document_url} fetched
+        under the outbound policy. `processing` until chunked and embedded, then `ready` or `error`;
+        `callback_url` gets application.document_ready / document_error."""
+        if self.knowledge is None:
+            raise HTTPException(503, "no knowledge base is deployed")
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        data, kind, url = None, None, None
+        if ctype == "application/json":
+            try:
+                body = DocumentURLIn.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+            url, name, tags, callback = str(body.document_url), body.document_name, body.tags, body.callback_url
+            await self._check_destination(url, "document_url")
+        elif ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+            except Exception as exc:  # a malformed multipart body
+                raise HTTPException(400, "malformed multipart body") from exc
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(400, "missing file field `file`")
+            data = await upload.read()
+            try:
+                kind = kind_of(upload.content_type, upload.filename, data)
+            except DocumentError as exc:
+                raise HTTPException(415, str(exc)) from exc
+            name = str(form.get("document_name") or upload.filename or "")[:200]
+            try:
+                tags = DocumentURLIn(document_url="http://x.invalid", tags=[
+                    t.strip() for t in str(form.get("tags") or "").split(",") if t.strip()]).tags
+                callback = DocumentURLIn(document_url="http://x.invalid",
+                                         callback_url=form.get("callback_url") or None).callback_url
+            except ValidationError as exc:
+                raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+        else:
+            raise HTTPException(415, "send multipart/form-data with a `file`, or JSON {document_url}")
+        await self._check_destination(callback, "callback_url")
+        row = await _db(self.store.add_document, name, tags, {
+            "kind": kind, "source_url": url, "callback_url": str(callback) if callback else None,
+            **({"bytes": len(data)} if data is not None else {})}, who.owner)
+        task = asyncio.ensure_future(self._ingest(row.document_id, data, kind, url, str(callback) if callback else None))
+        self._training.add(task)
+        task.add_done_callback(self._training.discard)
+        return document_json(row)
+
+    async def _ingest(self, document_id: str, data: bytes | None, kind: str | None, url: str | None,
+                      callback: str | None) -> None:
+        try:
+            result = dict(await self.knowledge.ingest.remote(document_id, data, kind, url))
+        except Exception as exc:  # the Knowledge replica died: the document must not stay `processing`
+            log.warning("document %s: ingest failed: %s", document_id, type(exc).__name__)
+            result = {"status": "error", "error": "processing failed"}
+        row = await _db(lambda: self.store.update_document(document_id, result.pop("status"), **result))
+        if row is None:  # deleted while it was processed
+            await self.knowledge.forget.remote(document_id)
+            return
+        if callback:
+            await _db(queue_webhook, self.store, callback, {
+                "message_type": "application", "event_type": f"application.document_{row.status}",
+                "timestamp": time.time(), "properties": document_json(row)})
+            self.webhooks.wake()
+
+    @app.get("/v2/documents", responses=errors())
+    async def list_documents(self, limit: int = Query(10, ge=1, le=100), page: int = Query(1, ge=1, le=MAX_PAGE),
+                             who: Principal = Depends(principal)):
+        rows, total = await _db(self.store.list_documents, limit, (page - 1) * limit, who.owner)
+        return {"data": [document_json(r) for r in rows], "total_count": total}
+
+    @app.get("/v2/documents/{document_id}", responses=errors(404), operation_id="get_document")
+    async def get_document(self, document_id: str, who: Principal = Depends(principal)):
+        row = await _db(self.store.get_document, document_id, who.owner)
+        if row is None:
+            raise HTTPException(404, f"document {document_id} not found")
+        return document_json(row)
+
+    @app.delete("/v2/documents/{document_id}", status_code=204, responses=errors(403, 404), operation_id="delete_document")
+    async def delete_document(self, document_id: str, who: Principal = Depends(operator)):
+        if not await _db(self.store.delete_document, document_id, who.owner):
+            raise HTTPException(404, f"document {document_id} not found")
+        if self.knowledge is not None:
+            await self.knowledge.forget.remote(document_id)
+        return Response(status_code=204)
+
+    # --- memory stores -----------------------------------------------------------------------------------
+    @app.get("/v2/memory_stores", responses=errors())
+    async def list_memory_stores(self, who: Principal = Depends(principal)):
+        stores = await _db(self.store.memory_stores, who.owner)
+        return {"data": [{"memory_store": name, "memories": n} for name, n in stores], "total_count": len(stores)}
+
+    @app.get("/v2/memory_stores/{store}", responses=errors(404))
+    async def get_memory_store(self, store: str, who: Principal = Depends(principal)):
+        rows = await _db(self.store.memories, who.owner, store)
+        if not rows:
+            raise HTTPException(404, f"memory store {store} not found")
+        return {"memory_store": store, "data": [memory_json(r) for r in rows], "total_count": len(rows)}
+
+    @app.delete("/v2/memory_stores/{store}", status_code=204, responses=errors(403, 404))
+    async def delete_memory_store(self, store: str, who: Principal = Depends(operator)):
+        """Deletes every memory in the store (the rows, not a flag)."""
+        if not await _db(self.store.delete_memories, who.owner, store):
+            raise HTTPException(404, f"memory store {store} not found")
+        return Response(status_code=204)
+
+    @app.delete("/v2/memory_stores/{store}/memories/{memory_id}", status_code=204, responses=errors(403, 404))
+    async def delete_memory(self, store: str, memory_id: str, who: Principal = Depends(operator)):
+        if not await _db(self.store.delete_memories, who.owner, store, memory_id):
+            raise HTTPException(404, f"memory {memory_id} not found in {store}")
+        return Response(status_code=204)
+
     # --- conversations -----------------------------------------------------------------------------------
     @app.post("/v2/conversations", responses={
         **errors(403, 404, 409, 503), **linked("conversation", "conversation_id", "get_conversation", "end_conversation",
@@ -456,6 +609,7 @@ class Ingress:
         `callback_url` must pass the outbound policy."""
         await self._check_destination(body.callback_url, "callback_url")
         await self._persona_model(body.persona_id, who)  # 404 on an unknown persona, before anything is created
+        await self._documents(body.document_ids, [], who.owner)
         await self._ready_replica(body.replica_id or STOCK_REPLICA, who)
         if await self.sessions.full():
             return self.sessions.capacity_response()
@@ -554,13 +708,20 @@ class Ingress:
         data = row.data
         replica = await self._available_replica(row.replica_id)
         head = await self._head_blob(replica)
+        stores = list(data.get("memory_stores") or [])
+        documents, _ = await _db(self.store.documents_visible,
+                                 [*persona.document_ids, *(data.get("document_ids") or [])],
+                                 [*persona.document_tags, *(data.get("document_tags") or [])], row.owner)
+        remembered = [m for store in stores for m in await _db(self.store.memories, row.owner, store)]
         spec = SessionSpec(
             conversation_id=conversation_id, offer_sdp=sdp, persona=persona,
             properties=ConversationProperties.model_validate(data.get("properties", {})),
             conversational_context=data.get("conversational_context", ""), custom_greeting=data.get("custom_greeting"),
             ice_servers=self.ice_servers, replica_head=(replica.data or {}).get("head_path"),
             video_mode=data.get("video_mode") or persona.video_mode, replica_id=replica.replica_id,
-            head_version=head.version, grants=frozenset(grants), callback_url=row.callback_url)
+            head_version=head.version, grants=frozenset(grants), callback_url=row.callback_url,
+            owner=row.owner, document_ids=documents, memory_stores=stores,
+            memories=[(m.kind, m.fact) for m in remembered])
         if not await _db(self.store.claim_join, conversation_id):  # the one join: a racing second gets 409
             raise HTTPException(409, "conversation already has a live media session")
         try:

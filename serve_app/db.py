@@ -5,13 +5,29 @@ SQLite file by default; set DATABASE_URL (e.g. postgresql+psycopg://...) for Pos
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from deployments.common import default_database_url
 
 
 class Base(DeclarativeBase):
@@ -103,6 +119,33 @@ class WebhookRow(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class DocumentRow(Base):
+    """A knowledge-base document: `processing` until chunked and embedded, then `ready` (or `error`, with why)."""
+
+    __tablename__ = "documents"
+    document_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    document_name: Mapped[str] = mapped_column(String(200), default="")
+    owner: Mapped[str] = mapped_column(String(64), default=DEFAULT_OWNER, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="processing")
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)  # kind, source_url, callback_url, chunks, chars, error
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class MemoryRow(Base):
+    """One fact a user stated about themselves, kept in a memory store across conversations."""
+
+    __tablename__ = "memories"
+    memory_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default=DEFAULT_OWNER, index=True)
+    store: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # name, allergy, ... (models.memory)
+    fact: Mapped[str] = mapped_column(Text)  # as the LLM reads it: "The user's name is Maria."
+    conversation_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class SettingRow(Base):
     """Deployment-wide values every ingress replica shares (the webhook signing secret)."""
 
@@ -118,16 +161,6 @@ _ADDED_COLUMNS = {
                       ("host_seen_at", "FLOAT")],
     "replicas": [("owner", "VARCHAR(64)")],
 }
-
-
-def default_database_url() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("PRESENCE_DB", os.path.join(root, "data", "presence.db"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return f"sqlite:///{path}"
 
 
 class Store:
@@ -408,6 +441,85 @@ class Store:
         with self.session() as s:
             q = select(WebhookRow).order_by(WebhookRow.id)
             return list(s.scalars(q.where(WebhookRow.status == status) if status else q).all())
+
+    # knowledge-base documents
+    def add_document(self, name: str, tags: list[str], data: dict, owner: str = DEFAULT_OWNER) -> DocumentRow:
+        row = DocumentRow(document_id=new_id("d"), document_name=name, tags=tags, data=data, owner=owner)
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def get_document(self, document_id: str, owner: str | None = None) -> DocumentRow | None:
+        return self._get(DocumentRow, document_id, owner)
+
+    def list_documents(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[DocumentRow], int]:
+        return self._page(DocumentRow, limit, offset, DocumentRow.created_at, owner=owner)
+
+    def update_document(self, document_id: str, status: str, **data: Any) -> DocumentRow | None:
+        with self.session() as s, s.begin():
+            row = s.get(DocumentRow, document_id)
+            if row is None:
+                return None
+            row.status = status
+            row.data = {**(row.data or {}), **data}
+            row.updated_at = time.time()
+            return row
+
+    def delete_document(self, document_id: str, owner: str | None = None) -> bool:
+        return self._delete(DocumentRow, document_id, owner=owner)  # its chunks: deployments.knowledge.forget
+
+    def stale_documents(self, before: float) -> list[str]:
+        """Documents still `processing` since before `before`: their ingest was lost (an ingress restart)."""
+        with self.session() as s:
+            return list(s.scalars(select(DocumentRow.document_id).where(DocumentRow.status == "processing",
+                                                                         DocumentRow.updated_at < before)).all())
+
+    def documents_visible(self, ids: list[str], tags: list[str], owner: str | None) -> tuple[list[str], list[str]]:
+        """(the ids among `ids` that exist for `owner`, plus the ids of its documents with any of `tags`;
+        the ids that do not exist)."""
+        with self.session() as s:
+            q = select(DocumentRow.document_id, DocumentRow.tags)
+            if owner is not None:
+                q = q.where(DocumentRow.owner == owner)
+            rows = s.execute(q.where(DocumentRow.document_id.in_(ids)) if not tags else q).all()
+        have = {r[0] for r in rows}
+        found = [i for i in ids if i in have]
+        found += [r[0] for r in rows if r[0] not in found and set(r[1] or ()) & set(tags)]
+        return found, [i for i in ids if i not in have]
+
+    # memory stores
+    def add_memories(self, owner: str, store: str, conversation_id: str | None, facts: list[tuple[str, str]]) -> None:
+        """Facts (kind, text) into a store; a newer fact of a single-valued kind replaces the old one."""
+        from models.memory import SINGLE_VALUED
+
+        with self.session() as s, s.begin():
+            for kind, fact in facts:
+                mine = (MemoryRow.owner == owner) & (MemoryRow.store == store)
+                if kind in SINGLE_VALUED:
+                    s.execute(delete(MemoryRow).where(mine & (MemoryRow.kind == kind)))
+                elif s.scalars(select(MemoryRow).where(mine & (MemoryRow.fact == fact))).first() is not None:
+                    continue
+                s.add(MemoryRow(memory_id=new_id("m"), owner=owner, store=store, kind=kind, fact=fact,
+                                conversation_id=conversation_id))
+
+    def memories(self, owner: str, store: str) -> list[MemoryRow]:
+        with self.session() as s:
+            return list(s.scalars(select(MemoryRow).where(MemoryRow.owner == owner, MemoryRow.store == store)
+                                  .order_by(MemoryRow.created_at, MemoryRow.memory_id)).all())
+
+    def memory_stores(self, owner: str) -> list[tuple[str, int]]:
+        with self.session() as s:
+            return [(r[0], int(r[1])) for r in s.execute(
+                select(MemoryRow.store, func.count()).where(MemoryRow.owner == owner).group_by(MemoryRow.store)
+                .order_by(MemoryRow.store)).all()]
+
+    def delete_memories(self, owner: str, store: str, memory_id: str | None = None) -> int:
+        """Delete a store's memories (or one of them); the number deleted."""
+        cond = (MemoryRow.owner == owner) & (MemoryRow.store == store)
+        if memory_id is not None:
+            cond = cond & (MemoryRow.memory_id == memory_id)
+        with self.session() as s, s.begin():
+            return s.execute(delete(MemoryRow).where(cond)).rowcount or 0
 
     # settings
     def setting(self, key: str, make) -> str:

@@ -40,6 +40,7 @@ class ClientEvent(StrEnum):
     INTERRUPT = "conversation.interrupt"
     APPEND_CONTEXT = "conversation.append_llm_context"
     OVERWRITE_CONTEXT = "conversation.overwrite_llm_context"
+    TOOL_RESULT = "conversation.tool_result"  # the answer to a conversation.tool_call
 
 
 class ShutdownReason(StrEnum):

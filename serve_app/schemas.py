@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from models.llm import GenerationParams
+from models.tools import check_parameters_schema
 
 Level = Literal["low", "medium", "high"]
 Emotion = Literal["neutral", "joy", "sadness", "anger", "surprise"]
 # client: the browser draws the head (fetched once) from animation state on the data channel;
 # server: the session renders and sends a video track. None: the profile's default.
 VideoMode = Literal["client", "server"]
+
+
+class FunctionSpec(BaseModel):
+    """An OpenAI-style function: what the LLM may call, with its arguments as a JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
+    description: str = Field("", max_length=2000)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v)) > 20000:
+            raise ValueError("parameters schema over 20000 characters")
+        check_parameters_schema(v)
+        return v
+
+
+class ToolDelivery(BaseModel):
+    """Where the server POSTs the call itself (under the outbound policy), instead of asking the client."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: HttpUrl
+    timeout_s: float = Field(5.0, gt=0.0, le=30.0)
+
+
+class LLMTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+    delivery: ToolDelivery | None = None  # None: sent to the client as conversation.tool_call
+
+    def openai(self) -> dict:
+        """The definition as the LLM is given it (no delivery details)."""
+        return {"type": "function", "function": self.function.model_dump()}
 
 
 class LLMLayer(BaseModel):
@@ -26,6 +64,15 @@ class LLMLayer(BaseModel):
     # strict: the persona's context is the facts replies keep to (said "I don't know" otherwise);
     # off: the context is background the LLM may go beyond.
     grounding: Literal["strict", "off"] = "strict"
+    tools: list[LLMTool] = Field(default_factory=list, max_length=16)
+    tool_timeout_s: float = Field(10.0, ge=1.0, le=120.0)  # how long a client's tool_result is waited for
+
+    @model_validator(mode="after")
+    def _unique_tool_names(self) -> LLMLayer:
+        names = [t.function.name for t in self.tools]
+        if len(names) != len(set(names)):
+            raise ValueError("tool names must be unique")
+        return self
 
 
 class TTSLayer(BaseModel):
@@ -88,6 +135,20 @@ PARTICIPANT_GRANTS = frozenset({"respond", "interrupt"})
 OPERATOR_GRANTS = PARTICIPANT_GRANTS | {"echo", "context"}
 
 
+DocumentId = Annotated[str, Field(min_length=1, max_length=64)]
+Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+StoreName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,100}$")]
+
+
+class KnowledgeLayer(BaseModel):
+    """How the knowledge base reaches replies: the top passages for the user's words, at the end of the prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(3, ge=1, le=8)
+    max_chars: int = Field(700, ge=100, le=4000)  # ~175 tokens: what a CPU LLM reads per turn
+    min_score: float = Field(0.25, ge=-1.0, le=1.0)
+
+
 class PersonaIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     persona_name: str = Field(..., min_length=1, max_length=200)
@@ -98,6 +159,9 @@ class PersonaIn(BaseModel):
     video_mode: VideoMode | None = None
     layers: Layers = Field(default_factory=Layers)
     participant_grants: list[ParticipantGrant] = Field(default_factory=lambda: ["interrupt", "respond"], max_length=2)
+    document_ids: list[DocumentId] = Field(default_factory=list, max_length=100)
+    document_tags: list[Tag] = Field(default_factory=list, max_length=20)
+    knowledge: KnowledgeLayer = Field(default_factory=KnowledgeLayer)
 
 
 class PersonaPatch(BaseModel):
@@ -110,6 +174,9 @@ class PersonaPatch(BaseModel):
     video_mode: VideoMode | None = None
     layers: Layers | None = None
     participant_grants: list[ParticipantGrant] | None = Field(None, max_length=2)
+    document_ids: list[DocumentId] | None = Field(None, max_length=100)
+    document_tags: list[Tag] | None = Field(None, max_length=20)
+    knowledge: KnowledgeLayer | None = None
 
 
 class ConversationProperties(BaseModel):
@@ -130,6 +197,21 @@ class ConversationIn(BaseModel):
     video_mode: VideoMode | None = None  # overrides the persona's
     callback_url: HttpUrl | None = None
     properties: ConversationProperties = Field(default_factory=ConversationProperties)
+    document_ids: list[DocumentId] = Field(default_factory=list, max_length=100)  # with the persona's
+    document_tags: list[Tag] = Field(default_factory=list, max_length=20)
+    # Facts the user states about themselves are kept under these keys at the end of the call, and the
+    # next conversation naming one starts knowing them.
+    memory_stores: list[StoreName] = Field(default_factory=list, max_length=5)
+
+
+class DocumentURLIn(BaseModel):
+    """POST /v2/documents with a URL the server fetches (under the outbound-HTTP policy)."""
+
+    model_config = ConfigDict(extra="forbid")
+    document_url: HttpUrl
+    document_name: str = Field("", max_length=200)
+    tags: list[Tag] = Field(default_factory=list, max_length=20)
+    callback_url: HttpUrl | None = None
 
 
 class KeyIn(BaseModel):

@@ -15,12 +15,15 @@ import time
 from ray import serve
 
 from autoscaling import stats
+from deployments import outbound
 from deployments.common import ServiceTimes, limit_threads, node_id
 from deployments.gpu_metrics import start_gpu_metrics
 from models.assets import onnx_session, silero_vad_onnx
 from models.avatar.head import Head, build_head
 from models.avatar.headfile import HeadFileError, load_head
 from models.avatar.render import CPUAvatarRenderer, Pose
+from models.llm import GenerationParams
+from models.memory import extract_stated_facts, llm_extraction_messages, parse_llm_facts
 from models.vad import SileroVAD
 from serve_app import ledger
 from serve_app.db import Store
@@ -35,9 +38,16 @@ log = logging.getLogger("presence.host")
 @serve.deployment  # options (session capacity, drain time, resources): configs/*.yaml
 class SessionHost:
     def __init__(self, turn, asr, llm, tts, video: dict | None = None, perception=None,
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None, outbound_policy: dict | None = None, knowledge=None,
+                 memory_extractor: str = "patterns") -> None:
         """`database_url`: the ingress's database (shared storage on a cluster). The host writes its
-        sessions' transcripts, webhooks and end there itself (serve_app.ledger)."""
+        sessions' transcripts, webhooks and end there itself (serve_app.ledger). `outbound_policy`: what
+        LLM tool deliveries may reach (deployments.outbound, the profile's `outbound`). `knowledge`: the
+        Knowledge deployment (document passages per turn). `memory_extractor`: how a call's stated facts are
+        found for its memory stores, `patterns` (models.memory, the CPU profile) or `llm` (the LLM lists them)."""
+        if memory_extractor not in ("patterns", "llm"):
+            raise ValueError(f"memory_extractor {memory_extractor!r}: expected 'patterns' or 'llm'")
+        self.memory_extractor = memory_extractor
         limit_threads()
         self.store = Store(database_url)
         self._heartbeat: asyncio.Task | None = None
@@ -45,8 +55,10 @@ class SessionHost:
         apply_policy()
         video = video or {}
         self.stage_health = ServeStageHealth()
-        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts, perception=perception,
-                               health=self.stage_health.health())
+        self.handles = Handles(turn=turn, asr=asr, llm=llm, tts=tts, perception=perception, knowledge=knowledge,
+                               health=self.stage_health.health(), post_json=self._post_json)
+        self.policy = outbound.OutboundPolicy.from_config(outbound_policy)
+        self._http = None  # the outbound-policy client for tool deliveries, made on first use
         self.width = int(video.get("width", 256))
         self.height = int(video.get("height", 256))
         self.fps = float(video.get("fps", 15))
@@ -79,6 +91,11 @@ class SessionHost:
         except Exception:  # constructed outside Serve (never in production)
             self.replica_id = "local"
         self.node_id = node_id()
+
+    async def _post_json(self, url: str, body: dict) -> tuple[int, bytes]:
+        if self._http is None:
+            self._http = outbound.client(self.policy)
+        return await outbound.post(self._http, url, self.policy, json=body)
 
     async def run(self, spec: SessionSpec):
         """Host one conversation. Yields {"type": "answer"} or {"type": "error"}, then events."""
@@ -148,6 +165,8 @@ class SessionHost:
 
     async def _finish(self, session: Session, spec: SessionSpec, shutdown_sent: bool) -> None:
         await session.close()
+        if spec.memory_stores:
+            await self._remember(session, spec)
         while not session.events.empty():  # emitted after the stream stopped (the shutdown on a cancel)
             ev = session.events.get_nowait()
             await self._keep(spec, ev)
@@ -158,6 +177,26 @@ class SessionHost:
                                     shutdown_sent)
         except Exception as exc:
             log.warning("session %s: could not record its end: %s", spec.conversation_id, type(exc).__name__)
+
+    async def _remember(self, session: Session, spec: SessionSpec) -> None:
+        """What the user stated about themselves goes into the conversation's memory stores."""
+        said = session.user_said()
+        try:
+            facts = await self._extract(said) if said else []
+            for store in spec.memory_stores:
+                await asyncio.to_thread(self.store.add_memories, spec.owner, store, spec.conversation_id, facts)
+        except Exception as exc:
+            log.warning("session %s: could not keep its memories: %s", spec.conversation_id, type(exc).__name__)
+
+    async def _extract(self, said: list[str]) -> list[tuple[str, str]]:
+        if self.memory_extractor == "patterns":
+            return extract_stated_facts(said)
+        text = []
+        async for piece in self.handles.llm.options(stream=True).stream.remote(
+                llm_extraction_messages(said), GenerationParams(max_tokens=200, temperature=0.0, stop=[])):
+            if isinstance(piece, str):
+                text.append(piece)
+        return parse_llm_facts("".join(text))
 
     async def _beat(self) -> None:
         """Tell the database which sessions this replica holds, and shut down those ended elsewhere

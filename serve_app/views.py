@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve_app.db import ConversationRow, PersonaRow, ReplicaRow
+from serve_app.db import ConversationRow, DocumentRow, MemoryRow, PersonaRow, ReplicaRow
 
 
 def persona_json(row: PersonaRow) -> dict:
@@ -32,3 +32,16 @@ def conversation_json(row: ConversationRow, base_url: str, with_token: bool = Fa
         out["meeting_token"] = row.meeting_token
         out["conversation_url"] += f"#t={row.meeting_token}"
     return out
+
+
+def document_json(row: DocumentRow) -> dict:
+    data = row.data or {}
+    return {"document_id": row.document_id, "document_name": row.document_name, "status": row.status,
+            "tags": row.tags or [], "document_url": data.get("source_url"), "callback_url": data.get("callback_url"),
+            "kind": data.get("kind"), "chunks": data.get("chunks"), "error": data.get("error"),
+            "created_at": row.created_at, "updated_at": row.updated_at}
+
+
+def memory_json(row: MemoryRow) -> dict:
+    return {"memory_id": row.memory_id, "kind": row.kind, "memory": row.fact, "conversation_id": row.conversation_id,
+            "created_at": row.created_at}

@@ -39,7 +39,8 @@ def presence(database_url):
 class WebhookReceiver:
     """A local HTTP server that records the JSON bodies POSTed to it."""
 
-    def __init__(self, delay_s: float = 0.0, status: int = 200, port: int = 0) -> None:
+    def __init__(self, delay_s: float = 0.0, status: int = 200, port: int = 0, reply: dict | None = None) -> None:
+        """`reply`: a JSON body to answer with (a tool delivery endpoint); none by default."""
         self.received: list[dict] = []
         self.raw: list[tuple[dict, str]] = []  # (headers, body) as delivered, for signature checks
         outer = self
@@ -51,7 +52,11 @@ class WebhookReceiver:
                 outer.raw.append((dict(self.headers), body.decode()))
                 outer.received.append(json.loads(body))
                 self.send_response(status)
+                answer = json.dumps(reply).encode() if reply is not None else b""
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args):
                 pass

@@ -115,6 +115,11 @@ class Models:
         self.turn = FakeHandle(predict=self._predict)
         self.llm = FakeHandle(stream=self._stream, prefill=self._prefill)
         self.prefills: list[list[dict]] = []
+        self.prefill_leads: list[str] = []  # how each prefill had the next user message start
+        self.asr_prompts: list[str | None] = []
+        self.searches: list[str] = []  # what the knowledge base was searched for
+        self.passages: list[str] = []  # what it finds
+        self.knowledge = FakeHandle(search=self._search)
         self.tts = FakeHandle(synthesize=self._synthesize)
         self.outages = {"asr": Outage(), "llm": Outage(), "tts": Outage()}
         self.health = StageHealth(lost=(Died,), is_down=self._is_down)
@@ -124,6 +129,7 @@ class Models:
         return id(handle) in names and self.outages[names[id(handle)]].down()
 
     async def _transcribe(self, pcm16: bytes, prompt=None) -> TranscriptResult:
+        self.asr_prompts.append(prompt)
         await self.outages["asr"].enter()
         await asyncio.sleep(0.02)
         return TranscriptResult(self.transcript, len(pcm16) / 32000)
@@ -132,14 +138,22 @@ class Models:
         await asyncio.sleep(0.01)
         return TurnScore(self.audio_p, self.threshold)
 
-    def _stream(self, messages, params=None, endpoint=None) -> FakeStream:
+    def _stream(self, messages, params=None, endpoint=None, tools=None) -> FakeStream:
         self.prompts.append(json.loads(json.dumps(messages)))
         stream = FakeStream([w + " " for w in self.reply.split()], 0.01, self.last_piece_s, self.finish_reason,
                             self.outages["llm"])
         self.streams.append(stream)
         return stream
 
-    async def _prefill(self, messages, endpoint=None) -> int:
+    async def _search(self, text: str, document_ids, k=3, min_score=0.25) -> list:
+        from models.vector_index import Passage
+
+        await asyncio.sleep(0.02)
+        self.searches.append(text)
+        return [Passage(document_ids[0], p, 0.8) for p in self.passages[:k]]
+
+    async def _prefill(self, messages, endpoint=None, tools=None, lead="") -> int:
+        self.prefill_leads.append(lead)
         await self.outages["llm"].enter()
         self.prefills.append(json.loads(json.dumps(messages)))
         return len(messages)

@@ -11,7 +11,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOYMENTS = {"SessionHost", "ASR", "LLM", "TTS", "TurnTaking", "Perception", "ReplicaTrainer", "Ingress"}
+DEPLOYMENTS = {"SessionHost", "ASR", "LLM", "TTS", "TurnTaking", "Perception", "ReplicaTrainer", "Knowledge", "Ingress"}
 
 
 def test_profiles_are_valid_serve_configs():
@@ -39,6 +39,7 @@ def test_deployment_options_come_from_the_config_files():
     """The decorators set no options, so what configs/*.yaml say is what runs; and each profile
     sets the options a deployment needs (resources, capacity) for every deployment."""
     from deployments.asr import ASR
+    from deployments.knowledge import Knowledge
     from deployments.llm import LLM
     from deployments.perception import Perception
     from deployments.replica_trainer import ReplicaTrainer
@@ -47,7 +48,7 @@ def test_deployment_options_come_from_the_config_files():
     from serve_app.api import Ingress
     from serve_app.session_host import SessionHost
 
-    for d in (ASR, LLM, Perception, ReplicaTrainer, TTS, TurnTaking, Ingress, SessionHost):
+    for d in (ASR, LLM, Perception, ReplicaTrainer, TTS, TurnTaking, Knowledge, Ingress, SessionHost):
         assert d._deployment_config.user_configured_option_names == set(), d.name
     for name in ("cpu", "gpu"):
         for d in yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["applications"][0]["deployments"]:

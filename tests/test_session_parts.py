@@ -280,10 +280,13 @@ class BlankRenderer:
 
 
 def make_session(models: Models, persona: PersonaIn = DEFAULT_PERSONA, grants: frozenset[str] = OPERATOR_GRANTS,
+                 document_ids: list[str] | None = None, memories: list[tuple[str, str]] | None = None,
                  **props) -> Session:
     properties = ConversationProperties.model_construct(**{**ConversationProperties().model_dump(), **props})
-    spec = SessionSpec("c-test", "v=0", persona, properties, grants=grants)
-    handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts, health=models.health)
+    spec = SessionSpec("c-test", "v=0", persona, properties, grants=grants, document_ids=document_ids or [],
+                       memories=memories or [])
+    handles = Handles(turn=models.turn, asr=models.asr, llm=models.llm, tts=models.tts, health=models.health,
+                      knowledge=models.knowledge)
     return Session(spec, handles, BlankRenderer(), fake_vad, fps=10)
 
 
@@ -602,3 +605,48 @@ def test_a_model_stage_killed_mid_turn_says_a_holding_phrase_and_the_turn_goes_o
 async def _until(cond, step: float = 0.01) -> None:
     while not cond():
         await asyncio.sleep(step)
+
+
+def test_passages_are_looked_up_from_the_words_so_far_and_prefilled_before_the_turn_ends():
+    """A second into the utterance its words so far are transcribed once; the passages for them open the
+    next user message and are prefilled with the prefix, so the reply's prompt starts with exactly that
+    (cached) text. Hotwords reach ASR as its prompt."""
+    from models.llm import knowledge_block
+
+    models = Models(transcript="How much does the K20 cost?", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros"]
+    persona = DEFAULT_PERSONA.model_copy(update={"layers": DEFAULT_PERSONA.layers.model_copy(update={
+        "stt": DEFAULT_PERSONA.layers.stt.model_copy(update={"hotwords": "Brightline K20"})})})
+
+    async def run():
+        s = make_session(models, persona=persona, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.6)
+        await asyncio.wait_for(_until(lambda: models.passages[0] in "".join(models.prefill_leads)), 2)
+        assert models.searches == ["How much does the K20 cost?"] and s.turns == 0  # still speaking
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return s
+
+    s = asyncio.run(run())
+    block = knowledge_block(models.passages)
+    assert block in models.prefill_leads
+    assert models.prompts[-1][-1]["content"].startswith(block + "How much does the K20 cost?")
+    assert models.searches == ["How much does the K20 cost?"]  # the reply used the prefetched passages
+    assert s.context.history[0]["content"] == "How much does the K20 cost?"  # the history keeps the words only
+    assert set(models.asr_prompts) == {"Brightline K20"}
+    assert models.prefill_leads[-1] == ""  # after the reply: the next turn's passages are not known yet
+
+
+def test_remembered_facts_are_in_the_prefix_and_the_user_is_welcomed_back():
+    models = Models()
+    memories = [("name", "The user's name is Maria."), ("allergy", "The user is allergic to penicillin.")]
+    s = make_session(models, memories=memories)
+    system = s.context.prefix()[0]["content"]
+    assert "- The user's name is Maria.\n- The user is allergic to penicillin." in system
+    assert s.greeting() == "Welcome back, Maria! How can I help you today?"
+    assert make_session(models).greeting() is None
+    s.spec.custom_greeting = "Hello {name}, this is Riverside Dental."
+    assert s.greeting() == "Hello Maria, this is Riverside Dental."

@@ -3,6 +3,7 @@ the API's pydantic models) and the numbers the session's parts read from it."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,10 @@ class Handles:
     llm: Any
     tts: Any
     perception: Any = None  # None: no visual perception
+    knowledge: Any = None  # the Knowledge deployment (None: no knowledge base)
     health: StageHealth = field(default_factory=StageHealth)  # how a dead replica is told from a slow one
+    # POSTs JSON under the outbound-HTTP policy: (url, body) -> (status, body). LLM tool deliveries use it.
+    post_json: Callable[[str, dict], Awaitable[tuple[int, bytes]]] | None = None
 
 
 @dataclass
@@ -44,6 +48,10 @@ class SessionSpec:
     # What the joined client may send on the data channel (schemas.PARTICIPANT_GRANTS / OPERATOR_GRANTS).
     grants: frozenset[str] = frozenset({"respond", "interrupt"})
     callback_url: str | None = None  # the conversation's webhook endpoint (the host queues its deliveries)
+    owner: str = "default"  # the conversation's owner (its memory stores are the owner's)
+    document_ids: list[str] = field(default_factory=list)  # the knowledge base this conversation searches
+    memory_stores: list[str] = field(default_factory=list)  # where what the user says about themselves is kept
+    memories: list[tuple[str, str]] = field(default_factory=list)  # (kind, fact) remembered from earlier calls
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Client messages on the data channel (the interactions protocol): echo, respond, interrupt, and
-changes to the LLM's context, with participant vs operator grants and size, rate and budget limits.
+"""Client messages on the data channel (the interactions protocol): echo, respond, interrupt, tool
+results, and changes to the LLM's context, with participant vs operator grants and size, rate and budget limits.
 
 A refused or malformed message gets a `system.error` back to the sender only (never the webhook, and
 never with the sender's text in it); the session goes on."""
@@ -24,13 +24,15 @@ ERRORS_PER_S = 1.0  # error replies per second at most: a flood must not become 
 
 # Which grant each message needs (SessionSpec.grants).
 NEEDS = {ClientEvent.ECHO: "echo", ClientEvent.RESPOND: "respond", ClientEvent.INTERRUPT: "interrupt",
-         ClientEvent.APPEND_CONTEXT: "context", ClientEvent.OVERWRITE_CONTEXT: "context"}
+         ClientEvent.APPEND_CONTEXT: "context", ClientEvent.OVERWRITE_CONTEXT: "context",
+         ClientEvent.TOOL_RESULT: "respond"}
 
 
 class Speaker(Protocol):
     def say(self, text: str) -> None: ...
     def respond(self, text: str) -> None: ...
     def interrupt(self) -> None: ...
+    def tool_result(self, tool_call_id: str, result: Any) -> bool: ...
 
 
 class TokenBucket:
@@ -101,6 +103,12 @@ class Control:
                 self.speaker.respond(text)
         elif kind == ClientEvent.INTERRUPT:
             self.speaker.interrupt()
+        elif kind == ClientEvent.TOOL_RESULT:
+            call_id = props.get("tool_call_id")
+            if not isinstance(call_id, str) or "result" not in props:
+                self.refuse("bad_message", "conversation.tool_result needs tool_call_id (string) and result")
+            elif not self.speaker.tool_result(call_id[:100], props["result"]):
+                self.refuse("unknown_tool_call", "no tool call with that tool_call_id is waiting for a result")
         else:
             self._change_context(kind, str(props.get("context", "")))
 

@@ -43,6 +43,7 @@ PRE_ROLL_CHUNKS = 10  # 320 ms before the VAD fired: the first syllable matters 
 TURN_MODEL_BYTES = 8 * RATE * 2  # smart-turn reads the last 8 s
 TURN_MODEL_WAIT_S = 2.0  # past this after the words are known, the turn is decided on the words alone
 OVERLAP_GRACE_S = 0.3  # the avatar, paused by the user's voice, goes on only after this much silence
+INTERIM_AFTER_S = 1.0  # speech into an utterance at which its words so far are transcribed once (on_partial)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ListenerHooks(Protocol):
     def on_barge_in(self) -> None: ...
     def on_overlap_end(self) -> None: ...
     def on_stage_outage(self) -> None: ...
+    def on_partial(self, text: str) -> None: ...
 
 
 class Listener:
@@ -74,8 +76,14 @@ class Listener:
 
     def __init__(self, hooks: ListenerHooks, asr: Any, turn: Any, vad: Callable[[np.ndarray], float], tasks: Tasks,
                  patience_s: float, interrupt_after_s: float, health: StageHealth | None = None,
-                 voice_analysis: Callable[[bytes], Prosody | None] | None = None) -> None:
+                 voice_analysis: Callable[[bytes], Prosody | None] | None = None, asr_prompt: str | None = None,
+                 interim: bool = False) -> None:
+        """`asr_prompt`: words ASR should expect (the persona's `stt.hotwords`); `interim`: transcribe each
+        utterance once INTERIM_AFTER_S into it (`on_partial`), for work that can start before it ends."""
         self.hooks = hooks
+        self.asr_prompt = asr_prompt
+        self.interim = interim
+        self._interim_done = False
         self.asr = asr
         self.turn = turn
         self.vad = vad
@@ -133,6 +141,7 @@ class Listener:
         if ev is not None and ev.kind == "speech_start":
             if not self.in_utterance:
                 self.in_utterance = True
+                self._interim_done = False
                 self._utt = list(self._ring)
                 self.hooks.on_user_started()
             else:
@@ -149,9 +158,21 @@ class Listener:
         elif ev is not None and ev.kind == "pause" and self.in_utterance:
             self._cancel_pending_turn()
             self._eot_task = self.tasks.spawn(self._end_of_turn())
+        if (self.interim and not self._interim_done and self.in_utterance and self.segmenter.speaking
+                and len(self._utt) * CHUNK >= (INTERIM_AFTER_S * RATE) + PRE_ROLL_CHUNKS * CHUNK):
+            self._interim_done = True
+            self.tasks.spawn(self._interim_words(self._utterance_pcm()))
         if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
+
+    async def _interim_words(self, pcm: bytes) -> None:
+        try:
+            text = (await self.asr.transcribe.remote(pcm, self.asr_prompt)).text.strip()
+        except Exception:  # a dead ASR: the final transcript (retried) is what counts
+            return
+        if text and self.in_utterance:
+            self.hooks.on_partial(text)
 
     def _start_barge_check(self, start_t: float) -> None:
         self._overlap_chunks = 0  # the barge-in check owns the pause now
@@ -189,7 +210,7 @@ class Listener:
         turn_call = asyncio.ensure_future(self._turn_score(pcm[-TURN_MODEL_BYTES:]))
         voice = asyncio.ensure_future(asyncio.to_thread(self.voice_analysis, pcm)) if self.voice_analysis else None
         try:
-            text = (await self.guard.call(self.asr, lambda: self.asr.transcribe.remote(pcm))).text.strip()
+            text = (await self.guard.call(self.asr, lambda: self.asr.transcribe.remote(pcm, self.asr_prompt))).text.strip()
         except BaseException:
             turn_call.cancel()
             raise

@@ -20,19 +20,25 @@ log = logging.getLogger("presence.session")
 
 
 class PromptPrefill:
-    """`llm` is the LLM deployment handle (`prefill.remote(messages, endpoint)`)."""
+    """`llm` is the LLM deployment handle (`prefill.remote(messages, endpoint, tools)`)."""
 
-    def __init__(self, llm: Any, context: LLMContext, endpoint: dict | None, tasks: Tasks) -> None:
+    def __init__(self, llm: Any, context: LLMContext, endpoint: dict | None, tasks: Tasks,
+                 tools: list[dict] | None = None) -> None:
         self.llm = llm
+        self.tools = tools  # the persona's tool definitions: part of the prompt prefix
         self.context = context
         self.endpoint = endpoint
         self.tasks = tasks
         self.tokens: list[int] = []  # tokens processed per prefill (what the replies did not have to)
         self._task: asyncio.Task | None = None
         self._again = False
+        self.lead = ""  # how the next user message starts (its knowledge block), cached with the prefix
 
-    def request(self) -> None:
-        """The prefix changed: process it (once the prefill in flight, if any, is done)."""
+    def request(self, lead: str | None = None) -> None:
+        """The prefix changed: process it (once the prefill in flight, if any, is done). `lead`: a new
+        start of the next user message ("" after a reply: the next turn's block is not known yet)."""
+        if lead is not None:
+            self.lead = lead
         if self._task is not None and not self._task.done():
             self._again = True
             return
@@ -45,7 +51,7 @@ class PromptPrefill:
             # heard right after telling the session it finished.
             messages = self.context.prefix()
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint)
+                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, self.lead)
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return

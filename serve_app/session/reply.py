@@ -9,6 +9,10 @@ A speculative reply starts before the turn is decided and is held at the gate. W
 the LLM context and the transcript keep exactly what the user heard: whole clauses that played,
 and of a cut clause the words whose audio had finished.
 
+When the LLM calls tools (`ToolRunner`), the reply waits for their results once the turn is decided
+(a speculative reply has no side effects), says the holding phrase if the wait passes `TOOL_HOLD_S`,
+and the LLM goes on with the results; a result that never comes is met with `TOOL_APOLOGY`.
+
 If the LLM or TTS replica dies mid-reply (`StageGuard`), the avatar says a holding phrase once the turn is
 decided (unless the reply's audio is still playing) and the call is made again on the restarted replica.
 """
@@ -16,7 +20,8 @@ decided (unless the reply's audio is still playing) and the call is made again o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from models.avatar.animate import Animator, SpeechTrack
 from models.llm import ReplyShaper, StreamEnd
+from models.tools import MAX_TOOL_ROUNDS, ToolCall
 from models.wire import SpeechResult
 from serve_app.events import Event
 from serve_app.media import Segment, SpeechPlayout, spoken_text
@@ -32,6 +38,10 @@ from serve_app.session.context import LLMContext
 from serve_app.session.recovery import RESTARTED, StageGuard, StageHealth
 from serve_app.session.tasks import Tasks
 from serve_app.session.timings import TurnTimings
+from serve_app.session.tools import ToolRunner
+
+TOOL_HOLD_S = 1.0  # a tool wait longer than this gets the holding phrase
+TOOL_APOLOGY = "I'm sorry, I couldn't get that information right now."
 
 
 def play_speech(playout: SpeechPlayout, animator: Animator, speech: SpeechResult, reply_id: int) -> Segment:
@@ -60,6 +70,8 @@ class ReplyParts:
     on_finished: Callable[[Reply], None]
     health: StageHealth  # tells a dead stage from a slow one
     holding: Callable[[], SpeechResult | None]  # the holding phrase's audio, if synthesised yet
+    tools: ToolRunner | None = None  # the persona's LLM tools, if any
+    retrieve: Callable[[str], Awaitable[str]] | None = None  # the turn's knowledge block (TurnKnowledge.for_turn)
 
 
 class Reply:
@@ -153,21 +165,55 @@ class Reply:
 
     async def _clauses_from_llm(self, out: asyncio.Queue) -> None:
         self.llm_perception = self.parts.perception_text()
-        messages = self.parts.context.messages(self.user_text, self.llm_perception)
+        knowledge = ""
+        if self.parts.retrieve is not None:
+            knowledge = await self.parts.retrieve(self.user_text)
+            self.mark("retrieval")
+        messages = self.parts.context.messages(self.user_text, self.llm_perception, knowledge)
+        tools = self.parts.tools
+        try:
+            for round_ in range(MAX_TOOL_ROUNDS + 1):
+                calls, said = await self._generate(messages, out, tools.definitions if tools else None)
+                if tools is not None and not calls and not said and round_ == 0:
+                    # A small model wrote something like a call that is none (no known tool, a made-up
+                    # result): it is not spoken, and the LLM answers again without tools.
+                    await self._generate(messages, out, None)
+                    return
+                if not calls or tools is None:
+                    return
+                results = await self._run_tools(tools, calls) if round_ < MAX_TOOL_ROUNDS else None
+                if results is None:
+                    await out.put(TOOL_APOLOGY)
+                    return
+                messages = [*messages, {"role": "assistant", "content": "", "tool_calls": [c.openai() for c in calls]},
+                            *({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": r}
+                              for c, r in zip(calls, results, strict=True))]
+        finally:
+            await out.put(None)
+
+    async def _generate(self, messages: list[dict], out: asyncio.Queue,
+                        tools: list[dict] | None) -> tuple[list[ToolCall], bool]:
+        """One LLM call: its clauses onto `out`; returns the tool calls it made, and whether it said anything."""
         settings = self.parts.llm_settings
         earlier = self.parts.context.said()
         shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
         llm = self.parts.llm
         stream = self.guard.stream(llm, lambda: llm.options(stream=True).stream.remote(messages, settings.params,
-                                                                                        settings.endpoint))
+                                                                                        settings.endpoint, tools))
         said = False
         cut = False
+        calls: list[ToolCall] = []
         try:
             async for piece in stream:
                 if piece is RESTARTED:  # the LLM replica died: start over, unless some of it was said
                     if said:
                         break
                     shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
+                    calls = []
+                    continue
+                if isinstance(piece, ToolCall):
+                    self.mark("llm_first_token")
+                    calls.append(piece)
                     continue
                 if isinstance(piece, StreamEnd):
                     cut = piece.finish_reason == "length"
@@ -179,12 +225,29 @@ class Reply:
                 if shaper.done:
                     break
             for clause in shaper.flush(cut=cut):
+                said = True
                 await out.put(clause.text)
             if shaper.emotion:
                 self.parts.animator.emotion = shaper.emotion
         finally:
             await stream.aclose()
-            await out.put(None)
+        return calls, said
+
+    async def _run_tools(self, tools: ToolRunner, calls: list[ToolCall]) -> list[str] | None:
+        """The calls' results once the turn is decided (None if any failed), with the holding phrase if
+        they take longer than TOOL_HOLD_S."""
+        await self.gate.wait()
+        inference_id = uuid.uuid4().hex
+        holding = self.parts.tasks.spawn(self._hold_after(TOOL_HOLD_S))
+        try:
+            results = await asyncio.gather(*(tools.run(c, inference_id) for c in calls))
+        finally:
+            holding.cancel()
+        return None if any(r is None for r in results) else list(results)
+
+    async def _hold_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self._say_holding_phrase()
 
     def _log_user(self) -> None:
         # The user's words enter the LLM context once the turn is confirmed, before the reply's.

@@ -19,12 +19,14 @@ import numpy as np
 
 from models.avatar.animate import Animator
 from models.avatar.render import AvatarRenderer
+from models.memory import remembered_name
 from serve_app.events import Event, ShutdownReason, event
 from serve_app.media import AvatarAudioTrack, AvatarVideoTrack, MediaClock, Segment, SpeechPlayout
 from serve_app.session.avatar import AvatarFace
 from serve_app.session.config import Handles, SessionSpec, interrupt_after_s, llm_settings, patience_s
 from serve_app.session.context import LLMContext
 from serve_app.session.control import Control
+from serve_app.session.knowledge import TurnKnowledge
 from serve_app.session.listener import Listener, UserTurn
 from serve_app.session.perceiver import Perceiver
 from serve_app.session.pose_stream import POSE_HZ, PoseStream
@@ -32,6 +34,7 @@ from serve_app.session.prefill import PromptPrefill
 from serve_app.session.recovery import HoldingPhrases
 from serve_app.session.reply import Reply, ReplyParts, play_speech
 from serve_app.session.tasks import Tasks
+from serve_app.session.tools import ToolRunner
 from serve_app.session.transport import Transport
 
 
@@ -59,21 +62,31 @@ class Session:
         self.audio_out = AvatarAudioTrack(self.clock, self.playout)
         self.video_mode = "server" if renderer is not None else "client"
         self.video_out = AvatarVideoTrack(self.clock, self.face.render, fps) if renderer is not None else None
-        self.context = LLMContext(persona.system_prompt, persona.context, spec.conversational_context,
-                                  grounded=persona.layers.llm.grounding == "strict")
+        # What the user told earlier conversations (memory stores) is part of the facts, in the stable prefix.
+        remembered = "\n".join(fact for _, fact in spec.memories)
+        self.context = LLMContext(persona.system_prompt, "\n".join(x for x in (remembered, persona.context) if x),
+                                  spec.conversational_context, grounded=persona.layers.llm.grounding == "strict")
         self.perceiver = Perceiver(persona.layers.perception, handles.perception, self.animator, self.clock,
                                    self.emit, self.tasks, yield_cpu=self.preparing_reply)
         self.listener = Listener(self, handles.asr, handles.turn, vad, self.tasks, patience_s(persona),
                                  interrupt_after_s(persona), health=handles.health,
-                                 voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None)
+                                 voice_analysis=self.perceiver.analyse_voice if self.perceiver.enabled else None,
+                                 asr_prompt=persona.layers.stt.hotwords,
+                                 interim=bool(handles.knowledge is not None and spec.document_ids))
         self.holding = HoldingPhrases(handles.tts, persona.layers.tts.speed)
         self._holding_played_at = -1e9
         settings = llm_settings(persona)
-        self.prefill = PromptPrefill(handles.llm, self.context, settings.endpoint, self.tasks)
+        llm_layer = persona.layers.llm
+        self.tools = (ToolRunner(self.cid, llm_layer.tools, llm_layer.tool_timeout_s, self.emit, handles.post_json)
+                      if llm_layer.tools else None)
+        self.prefill = PromptPrefill(handles.llm, self.context, settings.endpoint, self.tasks,
+                                     self.tools.definitions if self.tools else None)
+        self.knowledge = (TurnKnowledge(handles.knowledge, spec.document_ids, persona.knowledge, self.prefill, self.tasks)
+                          if handles.knowledge is not None and spec.document_ids else None)
         self.reply_parts = ReplyParts(handles.llm, handles.tts, settings, persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
                                       self.perceiver.llm_description, self._reply_finished, handles.health,
-                                      self.holding.get)
+                                      self.holding.get, self.tools, self.knowledge.for_turn if self.knowledge else None)
         self.control = Control(self, self.context, self.tell_client, spec.grants, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
         self.poses = PoseStream(self.face, self.clock, self.audio_out, self.transport) if renderer is None else None
@@ -125,8 +138,9 @@ class Session:
         if self.poses is not None:
             self.tasks.spawn(self.poses.run())
         self.tasks.spawn(self.holding.prepare())  # while TTS is up: it may be the stage that dies later
-        if self.spec.custom_greeting:
-            self.say(self.spec.custom_greeting)
+        greeting = self.greeting()
+        if greeting:
+            self.say(greeting)
         while not self._closed.is_set():
             self.perceiver.update()
             now = time.monotonic()
@@ -140,6 +154,19 @@ class Session:
             except TimeoutError:
                 pass
         return self.shutdown_reason or ShutdownReason.ERROR
+
+    def greeting(self) -> str | None:
+        """The conversation's custom greeting (`{name}` filled from memory); someone the memory stores know
+        by name is welcomed back by it."""
+        name = remembered_name(self.spec.memories)
+        custom = self.spec.custom_greeting
+        if custom:
+            return custom.replace("{name}", name or "").replace(" ,", ",").replace("  ", " ")
+        return f"Welcome back, {name}! How can I help you today?" if name else None
+
+    def user_said(self) -> list[str]:
+        """Everything the user said in the conversation (what memory is extracted from at the end)."""
+        return [m["content"] for m in self.context.history if m["role"] == "user"]
 
     async def shutdown(self, reason: ShutdownReason) -> str:
         """End the session cleanly: finish the transcript, tell the client why, close media."""
@@ -156,6 +183,8 @@ class Session:
 
     async def close(self) -> None:
         self.tasks.cancel_all()
+        if self.tools is not None:
+            self.tools.close()
         await self.transport.close()
 
     def preparing_reply(self) -> bool:
@@ -167,7 +196,14 @@ class Session:
         return self.playout.active
 
     def on_user_started(self) -> None:
+        if self.knowledge is not None:
+            self.knowledge.new_utterance()
         self.emit(Event.USER_STARTED)
+
+    def on_partial(self, text: str) -> None:
+        """The words of the utterance so far (a second into it): its passages are looked up and cached."""
+        if self.knowledge is not None:
+            self.knowledge.on_partial(text)
 
     def on_speculate(self, turn: UserTurn) -> None:
         self.perceiver.hear(turn.text, turn.voice)
@@ -209,6 +245,11 @@ class Session:
         self.emit(Event.UTTERANCE, role="user", speech=text)
         self._start_reply(user_text=text, turn_index=self.turns)
 
+    def tool_result(self, tool_call_id: str, result: Any) -> bool:
+        """conversation.tool_result; False when no call with that id is waiting (unknown, timed out, or
+        its reply was interrupted)."""
+        return self.tools is not None and self.tools.answer(tool_call_id, result)
+
     def interrupt(self) -> None:
         """Stop speaking now; the unsaid rest of the reply is dropped."""
         if self.reply is not None:
@@ -235,7 +276,8 @@ class Session:
     def _reply_finished(self, reply: Reply) -> None:
         if self.reply is reply:
             self.reply = None
-        self.prefill.request()  # what was heard joins the cached prefix while the user answers
+        # What was heard joins the cached prefix while the user answers (with their next passages, if known).
+        self.prefill.request(lead=self.knowledge.pending_lead() if self.knowledge is not None else None)
 
     def _on_segment_start(self, seg: Segment) -> None:
         reply = self.reply
