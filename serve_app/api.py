@@ -501,7 +501,7 @@ class Ingress:
             try:
                 body = DocumentURLIn.model_validate_json(await request.body())
             except ValidationError as exc:
-                raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+                raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
             url, name, tags, callback = str(body.document_url), body.document_name, body.tags, body.callback_url
             await self._check_destination(url, "document_url")
         elif ctype == "multipart/form-data":
@@ -524,7 +524,7 @@ class Ingress:
                 callback = DocumentURLIn(document_url="http://x.invalid",
                                          callback_url=form.get("callback_url") or None).callback_url
             except ValidationError as exc:
-                raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+                raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
         else:
             raise HTTPException(415, "send multipart/form-data with a `file`, or JSON {document_url}")
         await self._check_destination(callback, "callback_url")

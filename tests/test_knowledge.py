@@ -112,6 +112,8 @@ def test_documents_reach_the_prompt_and_bad_input_is_4xx(idle, presence, api_key
         # Bad input: each a clear 4xx, nothing half-made.
         assert _upload(http, "big.txt", b"a " * (11 << 20), "text/plain").status_code == 413
         assert _upload(http, "tool.exe", b"MZ\x90\x00", "application/octet-stream").status_code == 415
+        garbled = http.post("/v2/documents", content=b'{"document_url": 5', headers={"content-type": "application/json"})
+        assert garbled.status_code == 422  # was a 500 (the error echoed the raw body bytes)
         refused = http.post("/v2/documents", json={"document_url": "http://127.0.0.1:9/manual.pdf"})
         assert refused.status_code == 422 and "outbound policy" in refused.text
         broken = _upload(http, "broken.pdf", b"%PDF-1.4 not really", "application/pdf")
