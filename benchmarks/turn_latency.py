@@ -273,6 +273,8 @@ def main() -> None:
     ap.add_argument("--llm-threads", type=int, default=1)
     ap.add_argument("--documents", action="store_true",
                     help="the persona also has a knowledge-base document (the clinic handbook): passages every turn")
+    ap.add_argument("--knowledge-chars", type=int, help="with --documents: the persona's knowledge.max_chars "
+                    "(passage characters per turn; default the persona default, 700)")
     ap.add_argument("--video-mode", choices=["client", "server"], help="the conversations' video mode (default: the "
                     "profile's); client: poses on the data channel, no video rendered or sent")
     a = ap.parse_args()
@@ -306,6 +308,8 @@ def main() -> None:
         if doc["status"] != "ready":
             raise RuntimeError(f"the handbook was not ingested: {doc}")
         persona["document_ids"] = [doc["document_id"]]
+        if a.knowledge_chars:
+            persona["knowledge"] = {"max_chars": a.knowledge_chars, "top_k": 2 if a.knowledge_chars < 500 else 3}
     persona_id = httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
@@ -317,7 +321,8 @@ def main() -> None:
     cpu1 = cpu_seconds()
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
-              "knowledge_base": "clinic handbook (benchmarks/clinic.py HANDBOOK)" if a.documents else None,
+              "knowledge_base": ({"document": "clinic handbook (benchmarks/clinic.py HANDBOOK)",
+                                  "max_chars": a.knowledge_chars or 700} if a.documents else None),
               "video_mode": a.video_mode or "profile default",
               "metric": "speech end -> first reply audio at the client (camera on, clinic persona, 12-turn "
                         "conversations with mid-turn pauses and barge-ins)",
