@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import numpy as np
-from sqlalchemy import Integer, LargeBinary, String, Text, create_engine, delete, select, text
+from sqlalchemy import Integer, LargeBinary, String, Text, delete, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from deployments.common import database_engine
 from models.embed import DIM
 
 
@@ -32,8 +33,7 @@ def pg_vector(v: np.ndarray) -> str:
 
 class ChunkStore:
     def __init__(self, database_url: str) -> None:
-        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}} if database_url.startswith("sqlite") else {}
-        self.engine = create_engine(database_url, **kwargs)
+        self.engine = database_engine(database_url)
         _Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.pgvector = self.engine.dialect.name == "postgresql" and self._enable_pgvector()

@@ -77,6 +77,14 @@ def node_id() -> str | None:
         return None
 
 
+def database_engine(url: str):
+    """A SQLAlchemy engine for the platform's database (SQLite: usable from worker threads, waits on locks)."""
+    from sqlalchemy import create_engine
+
+    kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}} if url.startswith("sqlite") else {}
+    return create_engine(url, **kwargs)
+
+
 def default_database_url() -> str:
     """DATABASE_URL, else the SQLite file data/presence.db (PRESENCE_DB) beside the code."""
     url = os.environ.get("DATABASE_URL")

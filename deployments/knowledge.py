@@ -25,7 +25,7 @@ from models.http_body import capped_chunks
 from models.vector_index import Passage, VectorIndex
 
 log = logging.getLogger("presence.knowledge")
-MAX_DOCUMENT_BYTES = 20 << 20
+MAX_DOCUMENT_BYTES = 20 << 20  # an upload (the ingress's body cap) or a fetched document_url
 EMBED_BATCH = 32
 
 
@@ -55,7 +55,7 @@ class Knowledge:
             await asyncio.to_thread(self.chunks.put, document_id, chunks, vectors)
             self.index.put(document_id, vectors, chunks)
             return {"status": "ready", "chunks": len(chunks), "chars": len(text)}
-        except (DocumentError, ValueError, TimeoutError) as exc:
+        except (ValueError, TimeoutError) as exc:  # DocumentError, a refused URL, a cap passed, too slow
             return {"status": "error", "error": str(exc)[:300]}
         except Exception as exc:  # an unexpected failure must not leave the document `processing`
             log.warning("document %s: ingest failed: %s", document_id, type(exc).__name__)
@@ -104,9 +104,6 @@ class Knowledge:
     def _load(self, document_ids: list[str]) -> None:
         for doc, (vectors, texts) in self.chunks.load(document_ids).items():
             self.index.put(doc, vectors, texts)
-
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        return await self._embed(texts)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.search_ms.stats()

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-KINDS = ("txt", "md", "pdf", "html")
 CONTENT_TYPES = {"text/plain": "txt", "text/markdown": "md", "text/x-markdown": "md", "application/pdf": "pdf",
                  "text/html": "html", "application/xhtml+xml": "html"}
 SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".pdf": "pdf", ".html": "html", ".htm": "html"}

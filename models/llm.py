@@ -134,7 +134,7 @@ class OpenAICompatibleLLM:
                         yield delta["content"]
         for c in calls.values():
             if c["name"]:
-                yield ToolCall(c["id"] or f"call_{uuid.uuid4().hex[:24]}", c["name"], "".join(c["args"]) or "{}")
+                yield ToolCall(c["id"] or new_call_id(), c["name"], "".join(c["args"]) or "{}")
         yield StreamEnd(finish)
 
     def extra_body(self, params: GenerationParams) -> dict:
@@ -212,23 +212,22 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
 
     async def stream(self, messages: list[Message], params: GenerationParams,
                      tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
-        if self.recall and messages and messages[-1]["role"] == "user" and messages[0]["role"] == "system":
-            if self._recall is None:
-                from models.memory import MemoryRecall
-
-                self._recall = MemoryRecall(self._embed)
-            known = self._recall.answer(user_words(messages[-1]["content"]), system_facts(messages[0]["content"]))
+        last = messages[-1]["role"] if messages else None
+        if last == "user" and (self.recall or (tools and self.tool_mode == "router")):
+            # What the small-model helpers read: the user's own words and the persona's facts.
+            words = user_words(messages[-1]["content"])
+            facts = system_facts(messages[0]["content"]) if messages[0]["role"] == "system" else []
+            known = self._recalled(words, facts) if self.recall else None
             if known is not None:
                 yield known
                 yield StreamEnd("stop")
                 return
-        if tools and self.tool_mode == "router" and messages and messages[-1]["role"] == "user":
-            call = await self._routed_call(messages, tools)
+            call = await self._routed_call(words, facts, tools) if tools and self.tool_mode == "router" else None
             if call is not None:
                 yield call
                 yield StreamEnd("tool_calls")
                 return
-        if tools and self.tool_mode == "router" and messages and messages[-1]["role"] == "tool":
+        if tools and self.tool_mode == "router" and last == "tool":
             # SmolLM2 used a given result in 0 of 8 replies (Qwen 0.5B: 5 of 8): the result is read out.
             yield read_out(messages)
             yield StreamEnd("stop")
@@ -244,12 +243,17 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
             self._embedder = MiniLMEmbedder(threads=1)
         return self._embedder.embed(texts)
 
-    async def _routed_call(self, messages: list[Message], tools: list[dict]) -> ToolCall | None:
+    def _recalled(self, words: str, facts: list[str]) -> str | None:
+        if self._recall is None:
+            from models.memory import MemoryRecall
+
+            self._recall = MemoryRecall(self._embed)
+        return self._recall.answer(words, facts)
+
+    async def _routed_call(self, words: str, facts: list[str], tools: list[dict]) -> ToolCall | None:
         if self._router is None:
             self._router = ToolRouter(self._embed)
-        words = user_words(messages[-1]["content"])
-        tool = self._router.route(words, tools, system_facts(messages[0]["content"]) if messages[0]["role"] == "system"
-                                  else [])
+        tool = self._router.route(words, tools, facts)
         if tool is None:
             return None
         fn = tool["function"]
@@ -542,12 +546,13 @@ def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> 
 
 
 _CAMERA_NOTE = "\n\n(Seen on camera: "
+_PASSAGES_OPEN, _PASSAGES_CLOSE = "(From the documents:\n", ")\n\n"  # passages are one line each
 
 
 def user_words(content: str) -> str:
     """The user's own words in a user message built by `build_messages` (no passages, no camera note)."""
-    if content.startswith("(From the documents:"):
-        content = content.split(")\n\n", 1)[-1]
+    if content.startswith(_PASSAGES_OPEN):
+        content = content.split(_PASSAGES_CLOSE, 1)[-1]
     return content.split(_CAMERA_NOTE, 1)[0]
 
 
@@ -564,7 +569,7 @@ def knowledge_block(passages: list[str]) -> str:
     cache (prefilled from a partial transcript) before the user has finished."""
     if not passages:
         return ""
-    return "(From the documents:\n" + "\n".join(f"- {p}" for p in passages) + ")\n\n"
+    return _PASSAGES_OPEN + "\n".join(f"- {p}" for p in passages) + _PASSAGES_CLOSE
 
 
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,

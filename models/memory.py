@@ -64,13 +64,6 @@ def remembered_name(facts: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def memory_section(facts: list[tuple[str, str]]) -> str:
-    """What the LLM is told it remembers (part of the stable system message)."""
-    if not facts:
-        return ""
-    return "What you remember about the user from earlier conversations:\n" + "\n".join(f"- {f}" for _, f in facts)
-
-
 def llm_extraction_messages(utterances: list[str]) -> list[dict]:
     said = "\n".join(f"- {u}" for u in utterances)
     return [{"role": "system", "content": (

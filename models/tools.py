@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
@@ -154,8 +155,6 @@ class ToolRouter:
 
     def route(self, words: str, tools: list[dict], facts: list[str]) -> dict | None:
         """The tool `words` ask for, or None."""
-        import numpy as np
-
         described = [f"{t['function']['name'].replace('_', ' ')}: {t['function'].get('description', '')}" for t in tools]
         tool_vecs = self._vectors(described)
         fact_vecs = self._vectors(facts)
@@ -177,10 +176,7 @@ def parse_tool_text(text: str, names: set[str]) -> list[ToolCall]:
     bodies = _TAGGED.findall(text) if "<tool_call>" in text else [_FENCE.sub("", text)]
     calls: list[ToolCall] = []
     for body in bodies:
-        try:
-            value = json.loads(body)
-        except ValueError:
-            value = _first_object(body)
+        value = _first_value(body)
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict) or item.get("name") not in names:
                 continue
@@ -189,8 +185,8 @@ def parse_tool_text(text: str, names: set[str]) -> list[ToolCall]:
     return calls
 
 
-def _first_object(text: str) -> Any:
-    """The first JSON value at the start of `text` (a model may add words after its JSON)."""
+def _first_value(text: str) -> Any:
+    """The JSON value at the start of `text` (a model may add words after its JSON); None if there is none."""
     try:
         value, _ = json.JSONDecoder().raw_decode(text)
         return value
@@ -239,7 +235,8 @@ async def split_tool_calls(stream: AsyncIterator, names: set[str]) -> AsyncItera
             if state is None:
                 state = call_start("".join(held))
                 if state is False:
-                    yield _take(held)
+                    for out in release():
+                        yield out
             continue
         if not isinstance(item, ToolCall):  # the StreamEnd
             for out in release():
@@ -248,8 +245,3 @@ async def split_tool_calls(stream: AsyncIterator, names: set[str]) -> AsyncItera
     for out in release():  # a stream that ended without a StreamEnd
         yield out
 
-
-def _take(held: list[str]) -> str:
-    text = "".join(held)
-    held.clear()
-    return text

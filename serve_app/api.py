@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from swagger_ui_bundle import swagger_ui_path
 
+from deployments.knowledge import MAX_DOCUMENT_BYTES
 from deployments.outbound import OutboundPolicy, check_destination
 from models.documents import DocumentError, kind_of
 from models.media import IMAGE_TYPES, VIDEO_TYPES
@@ -32,6 +33,7 @@ from serve_app.schemas import (
     OPERATOR_GRANTS,
     ConversationIn,
     ConversationProperties,
+    DocumentFields,
     DocumentURLIn,
     KeyIn,
     OfferJSON,
@@ -47,7 +49,6 @@ log = logging.getLogger("presence.api")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # 1 MiB: no JSON body or SDP offer is anywhere near this
 MAX_UPLOAD = 50 << 20  # replica training media (POST /v2/replicas)
-MAX_DOCUMENT = 20 << 20  # a knowledge-base upload (POST /v2/documents)
 MAX_PAGE = 100_000  # paging beyond this is a client bug (and once overflowed SQLite's integer: a 500)
 STOCK_REPLICA = "r-stock"
 
@@ -79,7 +80,7 @@ def _body_limit(method: str, path: str) -> int:
     if method == "POST" and path.rstrip("/") == "/v2/replicas":
         return MAX_UPLOAD
     if method == "POST" and path.rstrip("/") == "/v2/documents":
-        return MAX_DOCUMENT
+        return MAX_DOCUMENT_BYTES
     return MAX_BODY
 
 
@@ -502,7 +503,7 @@ class Ingress:
                 body = DocumentURLIn.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
-            url, name, tags, callback = str(body.document_url), body.document_name, body.tags, body.callback_url
+            url, fields = str(body.document_url), body
             await self._check_destination(url, "document_url")
         elif ctype == "multipart/form-data":
             try:
@@ -517,21 +518,21 @@ class Ingress:
                 kind = kind_of(upload.content_type, upload.filename, data)
             except DocumentError as exc:
                 raise HTTPException(415, str(exc)) from exc
-            name = str(form.get("document_name") or upload.filename or "")[:200]
             try:
-                tags = DocumentURLIn(document_url="http://x.invalid", tags=[
-                    t.strip() for t in str(form.get("tags") or "").split(",") if t.strip()]).tags
-                callback = DocumentURLIn(document_url="http://x.invalid",
-                                         callback_url=form.get("callback_url") or None).callback_url
+                fields = DocumentFields(
+                    document_name=str(form.get("document_name") or upload.filename or "")[:200],
+                    tags=[t.strip() for t in str(form.get("tags") or "").split(",") if t.strip()],
+                    callback_url=str(form.get("callback_url") or "") or None)
             except ValidationError as exc:
                 raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
         else:
             raise HTTPException(415, "send multipart/form-data with a `file`, or JSON {document_url}")
+        callback = str(fields.callback_url) if fields.callback_url else None
         await self._check_destination(callback, "callback_url")
-        row = await _db(self.store.add_document, name, tags, {
-            "kind": kind, "source_url": url, "callback_url": str(callback) if callback else None,
+        row = await _db(self.store.add_document, fields.document_name, fields.tags, {
+            "kind": kind, "source_url": url, "callback_url": callback,
             **({"bytes": len(data)} if data is not None else {})}, who.owner)
-        task = asyncio.ensure_future(self._ingest(row.document_id, data, kind, url, str(callback) if callback else None))
+        task = asyncio.ensure_future(self._ingest(row.document_id, data, kind, url, callback))
         self._training.add(task)
         task.add_done_callback(self._training.discard)
         return document_json(row)

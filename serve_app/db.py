@@ -16,7 +16,6 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    create_engine,
     delete,
     func,
     inspect,
@@ -27,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from deployments.common import default_database_url
+from deployments.common import database_engine, default_database_url
 
 
 class Base(DeclarativeBase):
@@ -167,11 +166,7 @@ class Store:
     """Small repository over the tables; every call is its own transaction."""
 
     def __init__(self, url: str | None = None) -> None:
-        url = url or default_database_url()
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine = create_engine(url, **kwargs)
+        self.engine = database_engine(url or default_database_url())
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -224,6 +219,17 @@ class Store:
             s.delete(row)
             return True
 
+    def _set_status(self, model: type[Base], key: str, status: str, data: dict[str, Any]):
+        """A row's new status, with `data` merged into its data; None when there is no such row."""
+        with self.session() as s, s.begin():
+            row = s.get(model, key)
+            if row is None:
+                return None
+            row.status = status
+            row.data = {**(row.data or {}), **data}
+            row.updated_at = time.time()
+            return row
+
     # personas
     def add_persona(self, data: dict, owner: str = DEFAULT_OWNER) -> PersonaRow:
         row = PersonaRow(persona_id=new_id("p"), persona_name=data.get("persona_name") or "", data=data, owner=owner)
@@ -266,14 +272,7 @@ class Store:
         return self._page(ReplicaRow, limit, offset, ReplicaRow.created_at, owner=owner)
 
     def update_replica(self, replica_id: str, status: str, **data: Any) -> ReplicaRow | None:
-        with self.session() as s, s.begin():
-            row = s.get(ReplicaRow, replica_id)
-            if row is None:
-                return None
-            row.status = status
-            row.data = {**(row.data or {}), **data}
-            row.updated_at = time.time()
-            return row
+        return self._set_status(ReplicaRow, replica_id, status, data)
 
     def delete_replica(self, replica_id: str, owner: str | None = None) -> bool:
         return self._delete(ReplicaRow, replica_id, owner=owner)
@@ -456,14 +455,7 @@ class Store:
         return self._page(DocumentRow, limit, offset, DocumentRow.created_at, owner=owner)
 
     def update_document(self, document_id: str, status: str, **data: Any) -> DocumentRow | None:
-        with self.session() as s, s.begin():
-            row = s.get(DocumentRow, document_id)
-            if row is None:
-                return None
-            row.status = status
-            row.data = {**(row.data or {}), **data}
-            row.updated_at = time.time()
-            return row
+        return self._set_status(DocumentRow, document_id, status, data)
 
     def delete_document(self, document_id: str, owner: str | None = None) -> bool:
         return self._delete(DocumentRow, document_id, owner=owner)  # its chunks: deployments.knowledge.forget

@@ -204,14 +204,19 @@ class ConversationIn(BaseModel):
     memory_stores: list[StoreName] = Field(default_factory=list, max_length=5)
 
 
-class DocumentURLIn(BaseModel):
-    """POST /v2/documents with a URL the server fetches (under the outbound-HTTP policy)."""
+class DocumentFields(BaseModel):
+    """What POST /v2/documents takes beside the document (the multipart form's other fields)."""
 
     model_config = ConfigDict(extra="forbid")
-    document_url: HttpUrl
     document_name: str = Field("", max_length=200)
     tags: list[Tag] = Field(default_factory=list, max_length=20)
     callback_url: HttpUrl | None = None
+
+
+class DocumentURLIn(DocumentFields):
+    """POST /v2/documents with a URL the server fetches (under the outbound-HTTP policy)."""
+
+    document_url: HttpUrl
 
 
 class KeyIn(BaseModel):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from models.llm import knowledge_block
@@ -34,7 +33,6 @@ class TurnKnowledge:
         self.tasks = tasks
         self.block = ""  # the current utterance's passages, as the user message starts with them
         self._used = True  # the block was read by a reply (the next utterance needs its own)
-        self.lookup_ms: list[float] = []
 
     def new_utterance(self) -> None:
         self.block, self._used = "", False
@@ -63,14 +61,12 @@ class TurnKnowledge:
             return ""
 
     async def _lookup(self, text: str) -> str:
-        t0 = time.perf_counter()
         try:
             passages = await self.knowledge.search.remote(text, self.document_ids, self.layer.top_k,
                                                           self.layer.min_score)
         except Exception as exc:  # a dead Knowledge replica: the reply goes on without passages
             log.info("knowledge lookup skipped: %s", type(exc).__name__)
             return ""
-        self.lookup_ms.append((time.perf_counter() - t0) * 1000)
         kept, size = [], 0
         for p in passages:
             if size + len(p.text) > self.layer.max_chars and kept:

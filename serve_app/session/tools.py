@@ -35,7 +35,6 @@ class ToolRunner:
         self.emit = emit
         self.post_json = post_json
         self._pending: dict[str, asyncio.Future[str]] = {}
-        self.calls = 0
 
     async def run(self, call: ToolCall, inference_id: str) -> str | None:
         """The call's result as the LLM reads it, or None (unknown tool, bad arguments, no answer in time)."""
@@ -47,7 +46,6 @@ class ToolRunner:
         if why is not None:
             log.info("session %s: the LLM called %s with bad arguments: %s", self.cid, call.name, why)
             return None
-        self.calls += 1
         self.emit(Event.TOOL_CALL, tool_call_id=call.id, inference_id=inference_id, name=call.name,
                   arguments=call.arguments)
         if tool.delivery is not None:
