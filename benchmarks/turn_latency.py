@@ -199,10 +199,13 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
         row["wall_s"] = round(time.monotonic() - started, 2)
         rows.append(row)
     await asyncio.sleep(3.0)
-    timings = {e["properties"]["turn_index"]: e["properties"]["ms_from_speech_end"]
-               for e in client.events if e["event_type"] == "conversation.turn_timings"}
+    timed = {e["properties"]["turn_index"]: e["properties"]
+             for e in client.events if e["event_type"] == "conversation.turn_timings"}
     for row in rows:
-        row["stages_ms"] = timings.get(row.get("turn_index"))
+        props = timed.get(row.get("turn_index")) or {}
+        row["stages_ms"] = props.get("ms_from_speech_end")
+        if "passages" in props:  # what the knowledge base gave the reply (--documents)
+            row["passages"] = props["passages"]
         if "bargein_from" in row:
             quiet = silent_from(client.rx.audio, row["bargein_from"])
             row["bargein_ms"] = round((quiet - row.pop("bargein_from")) * 1000, 1) if quiet else None
@@ -255,7 +258,19 @@ def summarize(sessions: list[dict], cpu: dict[str, float], wall_s: float) -> dic
         "cpu_cores_by_process": {k: round(v / wall_s, 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},
         "asr_word_perfect": sum(_words(r.get("heard") or "") == _words(r["text"]) for r in rows),
         "errors": [r["error"] for r in rows if "error" in r],
+        **_passages_summary(rows),
     }
+
+
+def _passages_summary(rows: list[dict]) -> dict:
+    """With a knowledge base: how many replies read passages, and how many of those were prefilled."""
+    given = [r["passages"] for r in rows if "passages" in r]
+    if not given:
+        return {}
+    return {"replies_with_passages": {
+        "replies": len(given), "with_passages": sum(p["count"] > 0 for p in given),
+        "prefilled": sum(p["count"] > 0 and p["prefilled"] for p in given),
+        "passages_mean": round(float(np.mean([p["count"] for p in given])), 2)}}
 
 
 def _words(text: str) -> list[str]:
@@ -275,6 +290,8 @@ def main() -> None:
                     help="the persona also has a knowledge-base document (the clinic handbook): passages every turn")
     ap.add_argument("--knowledge-chars", type=int, help="with --documents: the persona's knowledge.max_chars "
                     "(passage characters per turn; default the persona default, 700)")
+    ap.add_argument("--late-passages", type=int, help="with --documents: the persona's knowledge.late_passages "
+                    "(passages a reply with none prefilled reads itself; default the persona default, 1)")
     ap.add_argument("--video-mode", choices=["client", "server"], help="the conversations' video mode (default: the "
                     "profile's); client: poses on the data channel, no video rendered or sent")
     a = ap.parse_args()
@@ -310,6 +327,8 @@ def main() -> None:
         persona["document_ids"] = [doc["document_id"]]
         if a.knowledge_chars:
             persona["knowledge"] = {"max_chars": a.knowledge_chars, "top_k": 2 if a.knowledge_chars < 500 else 3}
+        if a.late_passages is not None:
+            persona["knowledge"] = {**persona.get("knowledge", {}), "late_passages": a.late_passages}
     persona_id = httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
@@ -322,7 +341,9 @@ def main() -> None:
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
               "knowledge_base": ({"document": "clinic handbook (benchmarks/clinic.py HANDBOOK)",
-                                  "max_chars": a.knowledge_chars or 700} if a.documents else None),
+                                  "max_chars": a.knowledge_chars or 700,
+                                  "late_passages": 1 if a.late_passages is None else a.late_passages}
+                                 if a.documents else None),
               "video_mode": a.video_mode or "profile default",
               "metric": "speech end -> first reply audio at the client (camera on, clinic persona, 12-turn "
                         "conversations with mid-turn pauses and barge-ins)",

@@ -564,12 +564,15 @@ def system_facts(system: str) -> list[str]:
     return [ln[2:] for ln in block.splitlines() if ln.startswith("- ")]
 
 
-def knowledge_block(passages: list[str]) -> str:
+def knowledge_block(passages: list[str], closed: bool = True) -> str:
     """How retrieved passages open the user's message: before the words, so that it can be in the prompt
-    cache (prefilled from a partial transcript) before the user has finished."""
+    cache (prefilled from a partial transcript) before the user has finished. `closed=False`: the block
+    without its end, a prefix of the block of these passages and any that follow them (prefilled one
+    passage at a time)."""
     if not passages:
         return ""
-    return _PASSAGES_OPEN + "\n".join(f"- {p}" for p in passages) + _PASSAGES_CLOSE
+    body = _PASSAGES_OPEN + "".join(f"- {p}\n" for p in passages)
+    return body + _PASSAGES_CLOSE if closed else body
 
 
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,

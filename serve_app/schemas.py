@@ -147,6 +147,9 @@ class KnowledgeLayer(BaseModel):
     top_k: int = Field(3, ge=1, le=8)
     max_chars: int = Field(700, ge=100, le=4000)  # ~175 tokens: what a CPU LLM reads per turn
     min_score: float = Field(0.25, ge=-1.0, le=1.0)
+    # Passages a reply reads itself when none were prefilled while the user spoke (an utterance too
+    # short for the interim lookup): each adds its tokens to the time to first token on a CPU.
+    late_passages: int = Field(1, ge=0, le=8)
 
 
 class PersonaIn(BaseModel):

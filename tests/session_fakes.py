@@ -119,6 +119,8 @@ class Models:
         self.asr_prompts: list[str | None] = []
         self.searches: list[str] = []  # what the knowledge base was searched for
         self.passages: list[str] = []  # what it finds
+        self.prefill_s = 0.0  # how long a prefill with a lead takes (the CPU reads ~7 ms a token)
+        self.prefill_caches = True  # False: a backend with no cache to warm (prefill returns None)
         self.knowledge = FakeHandle(search=self._search)
         self.tts = FakeHandle(synthesize=self._synthesize)
         self.outages = {"asr": Outage(), "llm": Outage(), "tts": Outage()}
@@ -152,11 +154,13 @@ class Models:
         self.searches.append(text)
         return [Passage(document_ids[0], p, 0.8) for p in self.passages[:k]]
 
-    async def _prefill(self, messages, endpoint=None, tools=None, lead="") -> int:
+    async def _prefill(self, messages, endpoint=None, tools=None, lead="") -> int | None:
         self.prefill_leads.append(lead)
         await self.outages["llm"].enter()
+        if lead:
+            await asyncio.sleep(self.prefill_s)
         self.prefills.append(json.loads(json.dumps(messages)))
-        return len(messages)
+        return len(messages) if self.prefill_caches else None
 
     async def _synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
         await self.outages["tts"].enter()

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from models.llm import knowledge_block
 from serve_app.events import Event, ShutdownReason
 from serve_app.schemas import DEFAULT_PERSONA, OPERATOR_GRANTS, ConversationProperties, PersonaIn
 from serve_app.session import Handles, Session, SessionSpec
@@ -609,35 +610,119 @@ async def _until(cond, step: float = 0.01) -> None:
 
 def test_passages_are_looked_up_from_the_words_so_far_and_prefilled_before_the_turn_ends():
     """A second into the utterance its words so far are transcribed once; the passages for them open the
-    next user message and are prefilled with the prefix, so the reply's prompt starts with exactly that
-    (cached) text. Hotwords reach ASR as its prompt."""
-    from models.llm import knowledge_block
+    next user message and are prefilled with the prefix, one at a time, so the reply's prompt starts
+    with exactly that (cached) text. Hotwords reach ASR as its prompt."""
+
 
     models = Models(transcript="How much does the K20 cost?", reply="It costs 449 euros.", clause_s=0.3)
-    models.passages = ["Machines: K20 espresso machine: 449 euros"]
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
     persona = DEFAULT_PERSONA.model_copy(update={"layers": DEFAULT_PERSONA.layers.model_copy(update={
         "stt": DEFAULT_PERSONA.layers.stt.model_copy(update={"hotwords": "Brightline K20"})})})
 
     async def run():
         s = make_session(models, persona=persona, document_ids=["d1"])
         player = asyncio.ensure_future(play_audio(s))
-        await speak(s.listener.feed, 1.6)
-        await asyncio.wait_for(_until(lambda: models.passages[0] in "".join(models.prefill_leads)), 2)
+        await speak(s.listener.feed, 1.8)
+        await asyncio.wait_for(_until(lambda: models.passages[1] in "".join(models.prefill_leads)), 2)
         assert models.searches == ["How much does the K20 cost?"] and s.turns == 0  # still speaking
         await pause(s.listener.feed, 0.3)
         await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
         player.cancel()
         await s.close()
-        return s
+        return s, events(s)
 
-    s = asyncio.run(run())
-    block = knowledge_block(models.passages)
-    assert block in models.prefill_leads
-    assert models.prompts[-1][-1]["content"].startswith(block + "How much does the K20 cost?")
+    s, evs = asyncio.run(run())
+    first, both = knowledge_block(models.passages[:1], closed=False), knowledge_block(models.passages, closed=False)
+    assert [lead for lead in models.prefill_leads if lead] == [first, both]  # best first, each on the last
+    assert models.prompts[-1][-1]["content"].startswith(knowledge_block(models.passages) + "How much does the K20 cost?")
+    assert knowledge_block(models.passages).startswith(both)
     assert models.searches == ["How much does the K20 cost?"]  # the reply used the prefetched passages
     assert s.context.history[0]["content"] == "How much does the K20 cost?"  # the history keeps the words only
     assert set(models.asr_prompts) == {"Brightline K20"}
     assert models.prefill_leads[-1] == ""  # after the reply: the next turn's passages are not known yet
+    timings = of_type(evs, Event.TURN_TIMINGS)
+    assert timings[0]["properties"]["passages"] == {"count": 2, "prefilled": True}
+
+
+def test_a_reply_reads_only_the_passages_prefilled_while_the_user_spoke():
+    """Prefilling a passage takes time on a CPU; none starts after the user stopped speaking, and the
+    reply does not read the ones that did not make it (they would be its latency)."""
+    models = Models(transcript="How much does the K20 cost?", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros",
+                       "Milk jug: 19 euros"]
+    models.prefill_s = 0.5
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.5)  # the interim lookup at ~1.0 s, the first passage's prefill till ~1.55 s
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    content = models.prompts[-1][-1]["content"]
+    assert models.passages[0] in content and models.passages[1] not in content
+    assert not any(models.passages[1] in lead for lead in models.prefill_leads)  # never started
+    timings = of_type(evs, Event.TURN_TIMINGS)
+    assert timings[0]["properties"]["passages"] == {"count": 1, "prefilled": True}
+
+
+def test_passages_go_on_prefilling_when_the_user_goes_on_after_a_pause():
+    """A mid-turn pause stops the prefills (a speculative reply takes the passages); when the user goes on,
+    the speculative reply is dropped and the rest of the passages are prefilled for the real one."""
+    models = Models(transcript="How much does the", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
+    models.prefill_s = 0.4
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.2)
+        await pause(s.listener.feed, 0.5)  # "... does the": the turn waits for patience
+        assert not any(models.passages[1] in lead for lead in models.prefill_leads)
+        models.transcript = "How much does the K20 cost?"
+        await speak(s.listener.feed, 1.0)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    assert models.prompts[-1][-1]["content"].startswith(knowledge_block(models.passages))
+    assert of_type(evs, Event.TURN_TIMINGS)[-1]["properties"]["passages"] == {"count": 2, "prefilled": True}
+
+
+@pytest.mark.parametrize("caches", [True, False])
+def test_a_short_utterance_gets_late_passages_from_its_final_words(caches):
+    """Too short for the interim lookup: the reply looks the passages up from the final words, and reads
+    `late_passages` of them where reading is prompt processing on the critical path (a warmed cache),
+    every one where the backend caches prompts its own way (a remote endpoint)."""
+    models = Models(transcript="And the K20?", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
+    models.prefill_caches = caches
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        s.prefill.request()  # as the session's start does: the backend's answer says whether it caches
+        await asyncio.wait_for(_until(lambda: s.prefill.warms is not None), 2)
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 0.6)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    assert models.searches == ["And the K20?"]
+    content = models.prompts[-1][-1]["content"]
+    assert models.passages[0] in content and (models.passages[1] in content) is (not caches)
+    timings = of_type(evs, Event.TURN_TIMINGS)
+    assert timings[0]["properties"]["passages"] == {"count": 1 if caches else 2, "prefilled": False}
 
 
 def test_remembered_facts_are_in_the_prefix_and_the_user_is_welcomed_back():

@@ -1,15 +1,21 @@
 """The knowledge base in a turn: the passages for the user's words, at the start of their message.
 
-They are looked up from the words so far, once, a second into the utterance (`Listener` interim
-transcript), and the prompt prefill then caches them with the conversation prefix while the user is
-still speaking; the reply reads only the rest of the words. If no interim words came (a short
-utterance), the reply looks them up from the final words itself (one embedding, ~15-20 ms on a CPU).
+Reading passages is prompt processing, ~7 ms a token for the CPU default LLM (a 40-word passage:
+~0.35 s), so they must be in the prompt cache before the reply starts or they are its latency. They
+are looked up from the words so far, once, a second into the utterance (`Listener` interim
+transcript), and prefilled one passage at a time, best first, while the user is still speaking; the
+reply reads the ones that made it. A reply with none prefilled (an utterance too short for the interim
+lookup) looks them up from the final words and reads `late_passages` of them itself. A backend whose
+cache the session does not warm (a remote endpoint: prefill returns None) gets every passage for the
+final words, which find them best.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from models.llm import knowledge_block
@@ -21,56 +27,99 @@ log = logging.getLogger("presence.session")
 LOOKUP_WAIT_S = 0.5  # a reply waits at most this for its passages (then it answers without them)
 
 
+@dataclass
+class TurnPassages:
+    """What one reply's user message starts with."""
+
+    block: str = ""  # models.llm.knowledge_block of the passages ("" for none)
+    count: int = 0
+    prefilled: bool = False  # they were in the prompt cache before the reply started
+
+
 class TurnKnowledge:
-    """`knowledge`: the Knowledge deployment handle (`search.remote(text, document_ids, k, min_score)`)."""
+    """`knowledge`: the Knowledge deployment handle (`search.remote(text, document_ids, k, min_score)`);
+    `speaking`: whether the user is speaking now (no passage starts its prefill after they stopped)."""
 
     def __init__(self, knowledge: Any, document_ids: list[str], layer: KnowledgeLayer, prefill: PromptPrefill,
-                 tasks: Tasks) -> None:
+                 tasks: Tasks, speaking: Callable[[], bool]) -> None:
         self.knowledge = knowledge
         self.document_ids = document_ids
         self.layer = layer
         self.prefill = prefill
         self.tasks = tasks
-        self.block = ""  # the current utterance's passages, as the user message starts with them
-        self._used = True  # the block was read by a reply (the next utterance needs its own)
+        self.speaking = speaking
+        self.cached: list[str] = []  # the current utterance's passages whose prefill completed, best first
+        self._found: list[str] = []  # the current utterance's passages, as looked up from its interim words
+        self._utterance = 0
+        self._used = True  # a reply took this utterance's passages (the next utterance needs its own)
+        self._warming: asyncio.Task | None = None
 
     def new_utterance(self) -> None:
-        self.block, self._used = "", False
+        self._utterance += 1
+        self.cached, self._found, self._used = [], [], False
 
     def pending_lead(self) -> str:
-        """What the next user message starts with, if known: the block of an utterance not yet replied to."""
-        return "" if self._used else self.block
+        """How the next user message starts, if known: the prefilled passages of an utterance not yet replied to."""
+        return "" if self._used else knowledge_block(self.cached, closed=False)
 
     def on_partial(self, text: str) -> None:
-        self.tasks.spawn(self._prefetch(text))
+        if self.prefill.warms is not False:
+            self.tasks.spawn(self._prefetch(text, self._utterance))
 
-    async def _prefetch(self, text: str) -> None:
-        block = await self._lookup(text)
-        if block and not self._used:
-            self.block = block
-            self.prefill.request(lead=block)
+    def resume(self) -> None:
+        """The user goes on after a pause: a speculative reply that took the passages was dropped, and
+        the passages not yet prefilled may still make it."""
+        self._used = False
+        if self._found and len(self.cached) < len(self._found) and (self._warming is None or self._warming.done()):
+            self.tasks.spawn(self._warm_each(self._found, self._utterance))
 
-    async def for_turn(self, user_text: str) -> str:
-        """The block the reply's user message starts with (the prefetched one, which is in the cache)."""
+    async def _prefetch(self, text: str, utterance: int) -> None:
+        passages = await self._lookup(text)
+        if utterance == self._utterance:
+            self._found = passages
+            await self._warm_each(passages, utterance)
+
+    async def _warm_each(self, passages: list[str], utterance: int) -> None:
+        for i in range(len(self.cached) + 1, len(passages) + 1):
+            if self._used or utterance != self._utterance or not self.speaking():
+                return
+            self._warming = self.tasks.spawn(self.prefill.warm(knowledge_block(passages[:i], closed=False)))
+            if not await self._warming:
+                return
+            if utterance == self._utterance:  # (a reply waiting for this passage reads it)
+                self.cached = passages[:i]
+
+    async def for_turn(self, user_text: str) -> TurnPassages:
+        """The passages the reply's user message starts with: the prefilled ones (a passage whose
+        prefill is running is waited for: the LLM serves it first anyway), else a late lookup."""
         self._used = True
-        if self.block:
-            return self.block
+        if self._warming is not None and not self._warming.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._warming), LOOKUP_WAIT_S)
+            except TimeoutError:
+                pass
+        if self.cached:
+            return TurnPassages(knowledge_block(self.cached), len(self.cached), prefilled=True)
         try:
-            return await asyncio.wait_for(self._lookup(user_text), LOOKUP_WAIT_S)
+            passages = await asyncio.wait_for(self._lookup(user_text), LOOKUP_WAIT_S)
         except TimeoutError:
-            return ""
+            return TurnPassages()
+        if self.prefill.warms is not False:
+            passages = passages[: self.layer.late_passages]
+        return TurnPassages(knowledge_block(passages), len(passages))
 
-    async def _lookup(self, text: str) -> str:
+    async def _lookup(self, text: str) -> list[str]:
+        """The top passages for `text`, best first, within the layer's character budget."""
         try:
-            passages = await self.knowledge.search.remote(text, self.document_ids, self.layer.top_k,
-                                                          self.layer.min_score)
+            found = await self.knowledge.search.remote(text, self.document_ids, self.layer.top_k,
+                                                       self.layer.min_score)
         except Exception as exc:  # a dead Knowledge replica: the reply goes on without passages
             log.info("knowledge lookup skipped: %s", type(exc).__name__)
-            return ""
+            return []
         kept, size = [], 0
-        for p in passages:
+        for p in found:
             if size + len(p.text) > self.layer.max_chars and kept:
                 break
             kept.append(p.text[: self.layer.max_chars])
             size += len(p.text)
-        return knowledge_block(kept)
+        return kept

@@ -33,6 +33,8 @@ class PromptPrefill:
         self._task: asyncio.Task | None = None
         self._again = False
         self.lead = ""  # how the next user message starts (its knowledge block), cached with the prefix
+        self.cached_lead: str | None = None  # the lead of the last prefill that completed (None: one is running)
+        self.warms: bool | None = None  # the backend keeps a cache this warms (None: no prefill answered yet)
 
     def request(self, lead: str | None = None) -> None:
         """The prefix changed: process it (once the prefill in flight, if any, is done). `lead`: a new
@@ -44,17 +46,28 @@ class PromptPrefill:
             return
         self._task = self.tasks.spawn(self._run())
 
+    async def warm(self, lead: str) -> bool:
+        """Prefill with `lead` and wait for it: True when the cache then holds the prefix and `lead`
+        (False: the LLM failed, or a newer request replaced the lead meanwhile)."""
+        self.request(lead=lead)
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+        return self.cached_lead == lead
+
     async def _run(self) -> None:
         while True:
             self._again = False
             # Read when the call is made, not when asked: a reply that just ended records what was
             # heard right after telling the session it finished.
-            messages = self.context.prefix()
+            messages, lead = self.context.prefix(), self.lead
+            self.cached_lead = None
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, self.lead)
+                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, lead)
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return
+            self.cached_lead, self.warms = lead, n is not None
             if n is not None:
                 self.tokens.append(n)
             if not self._again:

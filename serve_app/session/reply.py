@@ -35,6 +35,7 @@ from serve_app.events import Event
 from serve_app.media import Segment, SpeechPlayout, spoken_text
 from serve_app.session.config import LLMSettings
 from serve_app.session.context import LLMContext
+from serve_app.session.knowledge import TurnPassages
 from serve_app.session.recovery import RESTARTED, StageGuard, StageHealth
 from serve_app.session.tasks import Tasks
 from serve_app.session.timings import TurnTimings
@@ -71,7 +72,7 @@ class ReplyParts:
     health: StageHealth  # tells a dead stage from a slow one
     holding: Callable[[], SpeechResult | None]  # the holding phrase's audio, if synthesised yet
     tools: ToolRunner | None = None  # the persona's LLM tools, if any
-    retrieve: Callable[[str], Awaitable[str]] | None = None  # the turn's knowledge block (TurnKnowledge.for_turn)
+    retrieve: Callable[[str], Awaitable[TurnPassages]] | None = None  # the turn's passages (TurnKnowledge.for_turn)
 
 
 class Reply:
@@ -92,6 +93,7 @@ class Reply:
         self.done_generating = False
         self.finished = asyncio.Event()
         self.llm_perception: str | None = None
+        self.passages: TurnPassages | None = None  # what the knowledge base gave this reply (None: none asked)
         self.task: asyncio.Task | None = None
         self._user_logged = False
         self.guard = StageGuard(parts.health, self._on_outage)
@@ -165,11 +167,11 @@ class Reply:
 
     async def _clauses_from_llm(self, out: asyncio.Queue) -> None:
         self.llm_perception = self.parts.perception_text()
-        knowledge = ""
         if self.parts.retrieve is not None:
-            knowledge = await self.parts.retrieve(self.user_text)
+            self.passages = await self.parts.retrieve(self.user_text)
             self.mark("retrieval")
-        messages = self.parts.context.messages(self.user_text, self.llm_perception, knowledge)
+        messages = self.parts.context.messages(self.user_text, self.llm_perception,
+                                               self.passages.block if self.passages else "")
         tools = self.parts.tools
         try:
             for round_ in range(MAX_TOOL_ROUNDS + 1):
@@ -309,7 +311,10 @@ class Reply:
             extra = {"llm_perception": self.llm_perception} if self.llm_perception else {}
             self.parts.emit(Event.UTTERANCE, role="replica", speech=heard, interrupted=interrupted, **extra)
         if self.timings is not None and self.first_audio:
-            self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms())
+            extra = ({"passages": {"count": self.passages.count, "prefilled": self.passages.prefilled}}
+                     if self.passages is not None else {})
+            self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms(),
+                            **extra)
 
     def heard_text(self, now: float, cut: list[Segment]) -> str:
         """Whole segments that played; of a cut one, the words whose audio finished before `now`."""

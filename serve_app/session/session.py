@@ -81,7 +81,8 @@ class Session:
                       if llm_layer.tools else None)
         self.prefill = PromptPrefill(handles.llm, self.context, settings.endpoint, self.tasks,
                                      self.tools.definitions if self.tools else None)
-        self.knowledge = (TurnKnowledge(handles.knowledge, spec.document_ids, persona.knowledge, self.prefill, self.tasks)
+        self.knowledge = (TurnKnowledge(handles.knowledge, spec.document_ids, persona.knowledge, self.prefill, self.tasks,
+                                        speaking=lambda: self.listener.segmenter.speaking)
                           if handles.knowledge is not None and spec.document_ids else None)
         self.reply_parts = ReplyParts(handles.llm, handles.tts, settings, persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
@@ -213,6 +214,8 @@ class Session:
         if self.reply is not None and not self.reply.confirmed:
             self.reply.cancel()  # a speculative reply nobody heard
             self.reply = None
+        if self.knowledge is not None and self.reply is None and self.listener.segmenter.speaking:
+            self.knowledge.resume()
 
     def on_user_stopped(self, turn: UserTurn | None) -> None:
         self.emit(Event.USER_STOPPED)
