@@ -46,8 +46,15 @@ class ReplicaTrainer:
         out = self.dir / replica_id
         out.mkdir(parents=True, exist_ok=True)
         ply, _ = save_head(result.head, out / "head.ply")
-        return {"status": "ready", "head_path": str(ply), "psnr_before": round(result.psnr_before, 2),
-                "psnr_after": round(result.psnr_after, 2), "frames_used": result.frames_used,
+        def r(v: float | None, n: int = 2) -> float | None:
+            return None if v is None else round(v, n)
+
+        return {"status": "ready", "head_path": str(ply), "psnr_before": r(result.psnr_before),
+                "psnr_after": r(result.psnr_after), "psnr_face_before": r(result.psnr_face_before),
+                "psnr_face_after": r(result.psnr_face_after),
+                "landmark_error_before": r(result.landmark_error_before, 4),
+                "landmark_error_after": r(result.landmark_error_after, 4), "shaped": result.shaped,
+                "holdout": result.holdout, "gaussians": len(result.head), "frames_used": result.frames_used,
                 "frames_held_back": result.frames_held_back,
                 "align_score": round(float(min(result.align_scores)), 3) if result.align_scores else None,
                 "fit_s": round(time.perf_counter() - t0, 1), "trained_on_node": node_id()}

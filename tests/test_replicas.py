@@ -63,6 +63,25 @@ def test_fit_recovers_a_face_and_measures_it_on_held_back_pixels():
     assert fitted[2] / fitted[0] > 1.3 * stock[2] / stock[0], (fitted, stock)  # the skin turned blue, as in the photo
 
 
+def test_a_photo_replica_takes_the_persons_shape_and_texture_and_the_rig_still_drives_it():
+    """#13: one real photo (matplotlib's Grace Hopper): the face mesh reshapes the head, the photo colours
+    it; measured on held-back pixels inside the face and by the face mesh on the frontal render."""
+    from benchmarks.replica_fit import grace_hopper
+    from models.avatar.face_metrics import EYE, MOUTH_INTERIOR, PartCoverage
+    from models.avatar.fit import fit_head
+
+    r = fit_head(build_head(20000), [grace_hopper()])
+    print("replica", r.psnr_face_before, r.psnr_face_after, r.landmark_error_before, r.landmark_error_after)
+    assert r.shaped and r.holdout == "checkerboard of 1px blocks at 256px"
+    assert r.landmark_error_before > 0.05 >= r.landmark_error_after, (r.landmark_error_before, r.landmark_error_after)
+    assert r.psnr_face_after >= 26.0 > r.psnr_face_before, (r.psnr_face_before, r.psnr_face_after)
+    cover = PartCoverage(r.head, 512, 512)
+    assert cover.area(Pose(), MOUTH_INTERIOR) == 0
+    assert cover.area(Pose().set(jaw_open=1.0), MOUTH_INTERIOR) > 2000  # the rig opens the reshaped mouth
+    eyes = cover.area(Pose(), EYE)
+    assert eyes > 500 and cover.area(Pose().set(blink_l=1.0, blink_r=1.0), EYE) <= 0.05 * eyes
+
+
 def test_media_limits():
     from models.media import MediaError, probe_media
 
@@ -142,6 +161,7 @@ def test_replica_api_and_a_conversation_with_the_fitted_face(idle, presence, api
             time.sleep(1)
         assert got["status"] == "ready", got
         assert got["psnr_after"] > got["psnr_before"] + 3.0 and "head_path" not in got
+        assert got["shaped"] and got["landmark_error_after"] is not None and got["psnr_face_after"] > got["psnr_face_before"]
 
     async def frames_of(replica_id: str) -> np.ndarray:
         client = PresenceRTCClient(presence, api_key)

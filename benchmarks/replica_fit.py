@@ -1,0 +1,108 @@
+"""A replica from one photo, measured: matplotlib's Grace Hopper (the photo ships in a package we
+already depend on) through the same fit `POST /v2/replicas` runs (`models/avatar/fit.py`).
+
+Reports, in `benchmarks/results/replica_fit.json`:
+- face-region PSNR on held-back pixels (inside the face mesh's outline), before (the stock head) and
+  after, with the default single-pixel checkerboard and with 8x8 blocks; beside each, the best that
+  image-space interpolation of the photo itself reaches on the same held-back pixels (normalised
+  Gaussian convolution, best of six widths): no replica can be expected to beat that by much;
+- the mean face-mesh landmark distance between the photo and the frontal render, in inter-ocular
+  distances, before and after;
+- the rig on the fitted head: mouth-interior pixels at rest and with the jaw open, eye pixels left at
+  full blink; the fit's time and Gaussian count.
+`benchmarks/results/replica_grace_hopper.png`: the aligned photo, the stock head, the replica, and the
+replica speaking with the head turned.
+
+    python -m benchmarks.replica_fit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+
+
+def grace_hopper() -> np.ndarray:
+    import matplotlib.cbook
+    from PIL import Image
+
+    return np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+
+
+def interpolation_bound(crop: np.ndarray, face: np.ndarray, block: int) -> float:
+    """PSNR inside `face` of the photo's held-back checkerboard pixels predicted from its other pixels."""
+    import cv2
+
+    from models.avatar.fit import psnr
+
+    yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]]
+    board = ((yy // block + xx // block) % 2 == 0)
+    best = 0.0
+    for sigma in (0.7, 1.0, 1.5, 2.0, 3.0, 4.0):
+        num = cv2.GaussianBlur(crop * board[..., None], (0, 0), sigma)
+        den = cv2.GaussianBlur(board.astype(np.float32), (0, 0), sigma)
+        best = max(best, psnr(num / np.maximum(den[..., None], 1e-6), crop, face & ~board))
+    return best
+
+
+def main() -> None:
+    from PIL import Image
+
+    from models.avatar.face_metrics import EYE, MOUTH_INTERIOR, PartCoverage
+    from models.avatar.fit import LANDMARK_SIZE, _align_by_mesh, _face_mask, fit_head
+    from models.avatar.head import build_head
+    from models.avatar.render import CPUAvatarRenderer, Pose
+    from models.perception.face import FaceAnalyzer
+
+    analyzer = FaceAnalyzer()
+    photo = grace_hopper()
+    stock = build_head(20000)
+    size = 256
+    stock_lm = analyzer.analyse([CPUAvatarRenderer(stock, LANDMARK_SIZE, LANDMARK_SIZE).render(Pose())])[0].landmarks
+    aligned = _align_by_mesh([photo], size, stock_lm, analyzer)[0]
+    face = _face_mask(aligned.landmarks, size)
+    runs = {}
+    fitted = None
+    for block in (1, 8):
+        t0 = time.perf_counter()
+        r = fit_head(stock, [photo], size=size, holdout_block=block, analyzer=analyzer)
+        runs[f"{block}px"] = {
+            "holdout": r.holdout, "fit_s": round(time.perf_counter() - t0, 1),
+            "psnr_face_before": round(r.psnr_face_before, 2), "psnr_face_after": round(r.psnr_face_after, 2),
+            "psnr_face_interpolation_bound": round(interpolation_bound(aligned.crop, face, block), 2),
+            "psnr_head_before": round(r.psnr_before, 2), "psnr_head_after": round(r.psnr_after, 2),
+            "landmark_error_before": round(r.landmark_error_before, 4),
+            "landmark_error_after": round(r.landmark_error_after, 4),
+            "gaussians": len(r.head)}
+        print(json.dumps(runs[f"{block}px"]))
+        fitted = fitted or r.head
+    cover = PartCoverage(fitted, 512, 512)
+    eye_open = cover.area(Pose(), EYE)
+    rig = {"mouth_interior_px_rest": cover.area(Pose(), MOUTH_INTERIOR),
+           "mouth_interior_px_jaw_open": cover.area(Pose().set(jaw_open=1.0), MOUTH_INTERIOR),
+           "eye_px_open": eye_open,
+           "eye_visible_at_full_blink": round(cover.area(Pose().set(blink_l=1.0, blink_r=1.0), EYE) / max(eye_open, 1), 3),
+           "at": "512x512"}
+    print(json.dumps(rig))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "replica_fit.json").write_text(json.dumps({
+        "photo": "matplotlib sample_data/grace_hopper.jpg", "fit_size": size, "runs": runs, "rig": rig,
+        "targets": {"psnr_face_after": 26.0, "landmark_error_after": 0.05}}, indent=2))
+    crop = (aligned.crop * 255).astype(np.uint8)
+    tiles = [np.asarray(Image.fromarray(crop)), CPUAvatarRenderer(stock, size, size).render(Pose()),
+             CPUAvatarRenderer(fitted, size, size).render(Pose()),
+             CPUAvatarRenderer(fitted, size, size).render(Pose(yaw=0.3).set(jaw_open=0.7, smile=0.4))]
+    Image.fromarray(np.concatenate(tiles, 1)).save(OUT / "replica_grace_hopper.png")
+
+
+if __name__ == "__main__":
+    main()
