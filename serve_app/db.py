@@ -209,13 +209,13 @@ class Store:
             return list(rows), int(s.scalar(cq) or 0)
 
     def _delete(self, model: type[Base], key: str, children=None, owner: str | None = None) -> bool:
-        """Delete a row (and the rows of `children`, a select of them); False when there is none."""
+        """Delete a row (and first `children`, a DELETE of its child rows); False when there is none."""
         with self.session() as s, s.begin():
             row = s.get(model, key)
             if row is None or (owner is not None and row.owner != owner):
                 return False
-            for child in s.scalars(children) if children is not None else ():
-                s.delete(child)
+            if children is not None:  # one DELETE, before the row's (PostgreSQL's cascade would beat the ORM's)
+                s.execute(children)
             s.delete(row)
             return True
 
@@ -373,7 +373,7 @@ class Store:
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._delete(ConversationRow, conversation_id,
-                            children=select(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id))
+                            children=delete(TranscriptRow).where(TranscriptRow.conversation_id == conversation_id))
 
     # transcripts
     def add_utterance(self, conversation_id: str, role: str, content: str) -> None:

@@ -283,3 +283,24 @@ def test_back_facing_surfels_are_not_drawn():
     turned = Pose(yaw=0.6)
     means_t, R = r.posed.means(turned)
     assert (r.hidden(means_t, R) != hidden).sum() > 100
+
+
+def test_the_eyes_and_head_follow_the_users_face():
+    """The user's face on the left of their camera's frame is on the avatar's left: its eyes and head turn
+    to the image's right, as the project's own face perception reads them on the rendered frames; back
+    to the camera when the face is gone."""
+    from models.perception.face import FaceAnalyzer
+
+    analyzer = FaceAnalyzer()
+    renderer = CPUAvatarRenderer(build_head(20000), 256, 256)
+
+    def seen(x: float | None) -> tuple[float, float]:
+        anim = Animator(rng=np.random.default_rng(1))
+        anim.watch(x, 0.0)
+        poses = [anim.pose(k / 30) for k in range(45)]  # 1.5 s: eased in (FOLLOW_S 0.25 s)
+        obs = analyzer.analyse([renderer.render(p) for p in poses[-3:]])
+        return float(np.mean([o.gaze[0] for o in obs])), float(np.mean([o.yaw_deg for o in obs]))
+
+    left, right, gone = seen(-0.8), seen(0.8), seen(None)
+    assert left[0] > gone[0] > right[0] and left[0] - right[0] > 0.12, (left, gone, right)  # iris offset, image right +
+    assert left[1] < gone[1] < right[1] and right[1] - left[1] > 5.0, (left, gone, right)  # the head turns too (degrees)

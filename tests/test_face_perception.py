@@ -188,6 +188,21 @@ def test_perception_tool_fires_once_after_holding_and_rearms():
     assert len(fired) == 2
     assert 5.0 <= fired[0][0] <= 6.5 and fired[0][1]["signal"] == "frustrated" and fired[0][1]["held_s"] >= 5.0
     assert 15.0 <= fired[1][0] <= 16.5  # re-armed while calm, then held 5 s again
+
+    # One analysed frame that reads otherwise (every 3 s) neither re-fires the tool nor restarts its timer.
+    from dataclasses import replace
+
+    tool, track, fired = ToolWatch(name="user_smiling", signal="joy", for_s=2.0, min_confidence=0.3), VisualTrack(), []
+    smiling = FaceObservation(present=True, expression={"happy": 1.0}, smile=0.03, mouth_open=0.012, brow_raise=0.128,
+                              eyes_open=0.3)
+    for i in range(48):  # 12 s at 4 frames/s
+        t = i * 0.25
+        track.add(t, smiling)
+        state = fuse(track, t)
+        assert state.emotion == "joy"
+        if (args := tool.update(replace(state, emotion="neutral") if i % 12 == 11 else state)) is not None:
+            fired.append(t)
+    assert len(fired) == 1 and fired[0] <= 3.0, fired
     summary = log.summary()
     assert summary["dominant_emotion"] == "anger" and summary["attention"] > 0.9
     assert summary["summary"].startswith("The user was visible 100% of the call")

@@ -735,3 +735,34 @@ def test_remembered_facts_are_in_the_prefix_and_the_user_is_welcomed_back():
     assert make_session(models).greeting() is None
     s.spec.custom_greeting = "Hello {name}, this is Riverside Dental."
     assert s.greeting() == "Hello Maria, this is Riverside Dental."
+
+
+def test_the_avatar_watches_where_the_perceived_face_is():
+    """Each analysed camera frame tells the animator where the user's face is in their frame (-1..1),
+    or that it is gone."""
+    from models.avatar.animate import Animator
+    from serve_app.media import MediaClock
+    from serve_app.schemas import PerceptionLayer
+    from serve_app.session.perceiver import Perceiver
+    from serve_app.session.tasks import Tasks
+
+    class Perception:
+        def __init__(self) -> None:
+            self.summaries = [{"present": True, "score": 0.9, "box": [20.0, 40.0, 100.0, 140.0]},  # left, a bit low
+                              {"present": False}]
+            self.analyse = self
+
+        async def remote(self, i420, hint):
+            return self.summaries.pop(0)
+
+    async def run():
+        animator = Animator()
+        perceiver = Perceiver(PerceptionLayer(), Perception(), animator, MediaClock(), lambda *a, **k: None, Tasks())
+        i420 = np.zeros((240 * 3 // 2, 320), np.uint8)  # a 320x240 frame
+        await perceiver._perceive(i420, 0.0)
+        seen = animator._look.copy()
+        await perceiver._perceive(i420, 0.25)
+        return seen, animator._look
+
+    seen, gone = asyncio.run(run())
+    assert np.allclose(seen, [(20 + 100) / 320 - 1, (40 + 140) / 240 - 1]) and gone is None

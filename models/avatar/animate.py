@@ -69,6 +69,13 @@ EMOTIONS: dict[str, dict[str, float]] = {
 }
 
 
+# Following the user's face: a face at the edge of a webcam's frame is ~30 degrees off its axis; the
+# eyes turn up to ~11 degrees (gaze weights are radians of eyeball rotation) and the head ~4.
+FOLLOW_EYES = 0.2
+FOLLOW_HEAD = 0.07
+FOLLOW_S = 0.25  # how quickly the face turns to where the user now is
+
+
 @dataclass
 class SpeechTrack:
     """A clause being spoken: starts at `t0` on the media clock; phonemes relative to t0."""
@@ -123,9 +130,16 @@ class Animator:
     _gaze: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
     _gaze_target: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
     _next_saccade: float = 0.8
+    _look: np.ndarray | None = None  # where the user's face is in their camera's frame (-1..1, x right, y down)
+    _follow: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))  # eased towards _look
     _nod_t: float = -10.0
     _emo: np.ndarray = field(default_factory=lambda: np.zeros(len(CHANNELS), np.float32))
     _last_t: float = 0.0
+
+    def watch(self, x: float | None, y: float = 0.0) -> None:
+        """The user's face is at (x, y) of their camera's frame (-1..1 from the centre, x right, y down),
+        or gone (None): the eyes, and a little the head, turn to follow them."""
+        self._look = None if x is None else np.clip(np.array([x, y], np.float32), -1.0, 1.0)
 
     def speak(self, track: SpeechTrack) -> None:
         self.tracks.append(track)
@@ -165,17 +179,21 @@ class Animator:
         blink = float(np.sin(np.pi * bt)) if 0 <= bt <= 1 else 0.0
         p.weights[_IDX["blink_l"]] += blink
         p.weights[_IDX["blink_r"]] += blink
-        # Gaze stays on the camera with small saccades.
+        # Gaze stays on the user (the camera when their face is not seen) with small saccades. The user's
+        # camera faces them: a user on the left of its frame is on the avatar's left, which the video
+        # shows on the right (gaze_x and yaw turn to the image's right, gaze_y up, pitch down).
         if t >= self._next_saccade:
             self._gaze_target = self.rng.normal(0, 0.05, 2).astype(np.float32)
             self._next_saccade = t + self.rng.uniform(0.6, 2.5)
         self._gaze += (self._gaze_target - self._gaze) * min(1.0, dt / 0.04)
-        p.weights[_IDX["gaze_x"]] += self._gaze[0]
-        p.weights[_IDX["gaze_y"]] += self._gaze[1]
+        look = self._look if self._look is not None else np.zeros(2, np.float32)
+        self._follow += (look - self._follow) * min(1.0, dt / FOLLOW_S)
+        p.weights[_IDX["gaze_x"]] += self._gaze[0] - FOLLOW_EYES * self._follow[0]
+        p.weights[_IDX["gaze_y"]] += self._gaze[1] - FOLLOW_EYES * self._follow[1]
         np.clip(p.weights, -1.0, 1.5, out=p.weights)
         # Restrained head motion: slow breathing sway, a nod when asked, a little life while talking.
-        p.pitch = 0.01 * np.sin(2 * np.pi * t / 4.5)
-        p.yaw = 0.008 * np.sin(2 * np.pi * t / 7.3)
+        p.pitch = 0.01 * np.sin(2 * np.pi * t / 4.5) + FOLLOW_HEAD * self._follow[1]
+        p.yaw = 0.008 * np.sin(2 * np.pi * t / 7.3) - FOLLOW_HEAD * self._follow[0]
         nt = (t - self._nod_t) / 0.6
         if 0 <= nt <= 1:
             p.pitch += 0.07 * np.sin(np.pi * nt) ** 2

@@ -1,6 +1,7 @@
 """Perception tools: thresholds a persona declares on the perception state ("the user has looked
 frustrated for more than 5 s"). A tool fires once when its signal has held long enough, and re-arms
-when the signal stops."""
+when the signal has stopped for REARM_S: a frame or two that reads otherwise (a blink, a head turn)
+neither re-fires the tool nor restarts its timer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from models.perception.fusion import PerceptionState
 
 ALIASES = {"frustrated": "anger"}
+REARM_S = 1.0
 
 
 def signal_holds(signal: str, state: PerceptionState, min_confidence: float) -> bool:
@@ -37,12 +39,17 @@ class ToolWatch:
     llm_tool_call: bool = False
     since: float | None = None
     fired: bool = False
+    gone_since: float | None = None  # when the signal last stopped holding (None: it holds)
 
     def update(self, state: PerceptionState) -> dict | None:
         """Feed the latest state; returns the tool call's arguments when the tool fires."""
         if not signal_holds(self.signal, state, self.min_confidence):
-            self.since, self.fired = None, False
+            if self.gone_since is None:
+                self.gone_since = state.t
+            if state.t - self.gone_since >= REARM_S:
+                self.since, self.fired = None, False
             return None
+        self.gone_since = None
         if self.since is None:
             self.since = state.t
         held = state.t - self.since

@@ -99,7 +99,14 @@ class Perceiver:
         except Exception as exc:  # a perception outage degrades the session, it does not end it
             log.warning("perception failed: %s", exc)
             return
-        self.visual.add(t, FaceObservation.from_summary(summary))
+        seen = FaceObservation.from_summary(summary)
+        self.visual.add(t, seen)
+        if seen.present and seen.box is not None:  # the avatar's eyes follow the user's face
+            h, w = i420.shape[0] * 2 // 3, i420.shape[1]
+            x0, y0, x1, y1 = seen.box
+            self.animator.watch((x0 + x1) / w - 1.0, (y0 + y1) / h - 1.0)
+        else:
+            self.animator.watch(None)
         self.update()
 
     # --- voice and words -------------------------------------------------------------------------
