@@ -74,6 +74,7 @@ EMOTIONS: dict[str, dict[str, float]] = {
 FOLLOW_EYES = 0.2
 FOLLOW_HEAD = 0.07
 FOLLOW_S = 0.25  # how quickly the face turns to where the user now is
+_CAMERA = np.zeros(2, np.float32)  # where the face looks when the user's is not seen
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Animator:
             self._gaze_target = self.rng.normal(0, 0.05, 2).astype(np.float32)
             self._next_saccade = t + self.rng.uniform(0.6, 2.5)
         self._gaze += (self._gaze_target - self._gaze) * min(1.0, dt / 0.04)
-        look = self._look if self._look is not None else np.zeros(2, np.float32)
+        look = self._look if self._look is not None else _CAMERA
         self._follow += (look - self._follow) * min(1.0, dt / FOLLOW_S)
         p.weights[_IDX["gaze_x"]] += self._gaze[0] - FOLLOW_EYES * self._follow[0]
         p.weights[_IDX["gaze_y"]] += self._gaze[1] - FOLLOW_EYES * self._follow[1]

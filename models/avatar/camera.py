@@ -22,6 +22,12 @@ class Camera:
         """Where the camera is, in world coordinates."""
         return (-self.viewmat[:3, :3].T @ self.viewmat[:3, 3]).astype(np.float32)
 
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World points (N, 3) -> their pixel positions (N, 2) and depths (N,), pinhole (no clamping)."""
+        pc = points @ self.viewmat[:3, :3].T + self.viewmat[:3, 3]
+        z = pc[:, 2]
+        return np.stack([self.fx * pc[:, 0] / z + self.cx, self.fy * pc[:, 1] / z + self.cy], 1), z
+
     @property
     def K(self) -> np.ndarray:
         return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float32)

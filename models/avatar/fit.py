@@ -113,7 +113,7 @@ class FitResult:
     psnr_face_after: float | None = None
     landmark_error_before: float | None = None  # mean face-mesh distance, photo vs frontal render, / inter-ocular
     landmark_error_after: float | None = None
-    shaped: bool = False  # the head was reshaped to the face mesh (a face was found)
+    shaped: bool = False  # the head returned was reshaped to the face mesh (a face was found, the fit kept)
     holdout: str = ""  # what was held back
 
 
@@ -169,32 +169,34 @@ def _face_mask(landmarks: np.ndarray | None, size: int) -> np.ndarray | None:
     return out.astype(bool)
 
 
+def _landmark_distance(found: np.ndarray, person: np.ndarray) -> float:
+    """Mean distance between two sets of face-mesh landmarks, in the person's inter-ocular distances."""
+    from models.avatar.shape import MESH_POINTS, inter_ocular
+
+    return float(np.linalg.norm(found[:MESH_POINTS, :2] - person[:MESH_POINTS, :2], axis=1).mean() / inter_ocular(person))
+
+
 def landmark_error(head: Head, landmarks: np.ndarray, analyzer) -> float | None:
     """Mean distance between `landmarks` (the person's, in LANDMARK_SIZE render pixels) and the face mesh
     found on `head`'s frontal render, in inter-ocular distances; None if no face is found on the render."""
-    from models.avatar.shape import MESH_POINTS, inter_ocular
-
     o = analyzer.analyse([CPUAvatarRenderer(head, LANDMARK_SIZE, LANDMARK_SIZE).render(Pose())])[0]
-    if not o.present:
-        return None
-    d = np.linalg.norm(o.landmarks[:MESH_POINTS, :2] - landmarks[:MESH_POINTS, :2], axis=1)
-    return float(d.mean() / inter_ocular(landmarks))
+    return _landmark_distance(o.landmarks, landmarks) if o.present else None
 
 
 def _lands_on(head: Head, cam, pixels: np.ndarray) -> np.ndarray:
     """Which Gaussians' means project onto a True pixel of `pixels`."""
-    pc = head.splats.means @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]
-    u = np.clip((cam.fx * pc[:, 0] / pc[:, 2] + cam.cx).astype(np.int64), 0, cam.width - 1)
-    v = np.clip((cam.fy * pc[:, 1] / pc[:, 2] + cam.cy).astype(np.int64), 0, cam.height - 1)
+    uv, _ = cam.project(head.splats.means)
+    u = np.clip(uv[:, 0].astype(np.int64), 0, cam.width - 1)
+    v = np.clip(uv[:, 1].astype(np.int64), 0, cam.height - 1)
     return pixels[v, u]
 
 
 def _project_colours(head: Head, crop: np.ndarray, cam) -> np.ndarray:
     """Each Gaussian's colour sampled from `crop` (bilinear, edges clamped) where its mean projects."""
-    pc = head.splats.means @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]
+    uv, _ = cam.project(head.splats.means)
     h, w = crop.shape[:2]
-    u = np.clip(cam.fx * pc[:, 0] / pc[:, 2] + cam.cx - 0.5, 0, w - 1.001)
-    v = np.clip(cam.fy * pc[:, 1] / pc[:, 2] + cam.cy - 0.5, 0, h - 1.001)
+    u = np.clip(uv[:, 0] - 0.5, 0, w - 1.001)
+    v = np.clip(uv[:, 1] - 0.5, 0, h - 1.001)
     x0, y0 = u.astype(np.int64), v.astype(np.int64)
     fx, fy = (u - x0)[:, None], (v - y0)[:, None]
     top = crop[y0, x0] * (1 - fx) + crop[y0, x0 + 1] * fx
@@ -225,14 +227,12 @@ def split_splats(head: Head, which: np.ndarray) -> Head:
     children = []
     for i, j in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
         children.append(s.means[idx] + 0.4 * (i * s1 * a1 + j * s2 * a2))
-    n = len(idx)
     keep = np.flatnonzero(~which)
     means = np.concatenate([s.means[keep]] + children).astype(np.float32)
     rep = np.concatenate([keep] + [idx] * 4)
     scales = np.concatenate([s.scales[keep]] + [s.scales[idx] * shrink] * 4).astype(np.float32)
     splats = Splats(means, s.quats[rep].copy(), scales, s.opacities[rep].copy(), s.colors[rep].copy(),
                     s.labels[rep].copy())
-    assert len(splats) == len(keep) + 4 * n
     return Head(splats, head.deltas[:, rep].copy(), head.head_weight[rep].copy())
 
 
@@ -312,35 +312,37 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     analyzer = analyzer or FaceAnalyzer()
     cam = portrait_camera(size, size)
 
-    def silhouette(h: Head) -> np.ndarray:
-        img = CPUAvatarRenderer(h, size, size).render(Pose())
+    def silhouette(img: np.ndarray) -> np.ndarray:
         return np.abs(img.astype(np.float32) / 255 - np.array(BACKGROUND, np.float32)).sum(axis=2) > 0.02
 
     original = head
-    mask = silhouette(head)
+    template = CPUAvatarRenderer(head, size, size).render(Pose())
+    mask = silhouette(template)
     stock_obs = analyzer.analyse([CPUAvatarRenderer(head, LANDMARK_SIZE, LANDMARK_SIZE).render(Pose())])[0]
     stock_lm = stock_obs.landmarks if stock_obs.present else None
     by_mesh = _align_by_mesh(frames, size, stock_lm, analyzer)
-    held = [i for i in range(len(frames)) if i % 4 == 3] or [len(frames) - 1] if len(frames) > 1 else []
+    held = []  # a video holds back every 4th frame (at least one)
+    if len(frames) > 1:
+        held = [i for i in range(len(frames)) if i % 4 == 3] or [len(frames) - 1]
     # The face the head takes the shape of: the most confident, most frontal training view.
     meshed = [a for i, a in enumerate(by_mesh) if a is not None and i not in held]
     ref = max(meshed, key=lambda a: a.score - abs(a.yaw) / 45.0) if meshed else None
     face = _face_mask(ref.landmarks if ref else None, size)
     lm_before = lm_after = None
     if ref is not None:
-        lm_before = landmark_error(head, ref.landmarks, analyzer)
+        lm_before = _landmark_distance(stock_lm, ref.landmarks)  # (the mesh found on the stock head's render)
         head = shape_to_landmarks(head, portrait_camera(LANDMARK_SIZE, LANDMARK_SIZE), stock_lm, ref.landmarks)
-        mask = silhouette(head)
+        template = CPUAvatarRenderer(head, size, size).render(Pose())
+        mask = silhouette(template)
         if detail or (detail is None and size >= 192):
             near_face = cv2.dilate(face.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             parts = np.isin(head.splats.labels, [PART_ID[p] for p in DETAIL_PARTS])
             head = split_splats(head, parts & (visibility(head, cam, near_face) > 0.05))
     # Frames without a mesh are found by matching the (reshaped) head's own render.
-    template = CPUAvatarRenderer(head, size, size).render(Pose())
     aligned = [a if a is not None else _Frame(*align_face(f, template, mask, size), None)
                for f, a in zip(frames, by_mesh, strict=True)]
     crops = [a.crop for a in aligned]
-    if held:  # a video: every 4th frame (at least one) is held back
+    if held:  # a video
         train_idx = [i for i in range(len(crops)) if i not in held]
         train_masks = [mask] * len(train_idx)
         held_pairs = [(crops[i], mask) for i in held]
@@ -373,10 +375,11 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
 
     before, face_before = evaluate(original)
     stock_colors = s.colors.copy()
-    seen = visibility(head, cam, np.any(train_masks, axis=0)) > 0.05
+    train_pixels = np.any(train_masks, axis=0)
+    seen = visibility(head, cam, train_pixels) > 0.05
     init = stock_colors.copy()
     # Projected colours only where the mean lands on a training pixel: the held-back ones stay unseen.
-    on_train = _lands_on(head, cam, np.any(train_masks, axis=0))
+    on_train = _lands_on(head, cam, train_pixels)
     init[seen & on_train] = np.mean([_project_colours(head, crops[i], cam) for i in train_idx], 0)[seen & on_train]
     logit = torch.logit(torch.from_numpy(np.clip(init, 0.02, 0.98).astype(np.float32)))
     logit.requires_grad_(True)
@@ -408,11 +411,12 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     fitted = Head(Splats(means, s.quats.copy(), s.scales.copy(), s.opacities.copy(), colors, s.labels.copy()),
                   head.deltas.copy(), head.head_weight.copy())
     after, face_after = evaluate(fitted)
+    shaped = ref is not None
     if after < before:  # a fit that does not help the held-back data is not kept
-        fitted, after, face_after = original, before, face_before
+        fitted, after, face_after, shaped = original, before, face_before, False
     if ref is not None:
         lm_after = landmark_error(fitted, ref.landmarks, analyzer)
-    holdout = (f"every 4th frame at {size}px" if len(crops) > 1
+    holdout = (f"every 4th frame at {size}px" if held
                else f"checkerboard of {holdout_block}px blocks at {size}px")
     return FitResult(fitted, before, after, len(train_idx), len(held_pairs), [a.score for a in aligned],
-                     face_before, face_after, lm_before, lm_after, ref is not None, holdout)
+                     face_before, face_after, lm_before, lm_after, shaped, holdout)

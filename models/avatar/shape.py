@@ -88,9 +88,7 @@ def image_warp(cam: Camera, warp: ThinPlate):
     t = cam.viewmat[:3, 3].astype(np.float64)
 
     def f(p: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        pc = p.astype(np.float64) @ R.T + t
-        z = pc[:, 2]
-        uv = np.stack([cam.fx * pc[:, 0] / z + cam.cx, cam.fy * pc[:, 1] / z + cam.cy], 1)
+        uv, z = cam.project(p.astype(np.float64))
         moved = uv + weight[:, None] * (warp(uv) - uv)
         out = np.stack([(moved[:, 0] - cam.cx) * z / cam.fx, (moved[:, 1] - cam.cy) * z / cam.fy, z], 1)
         return (out - t) @ R
