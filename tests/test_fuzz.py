@@ -21,12 +21,13 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,u
           "response_schema_conformance,use_after_free,ensure_resource_availability")
 MIN_REQUESTS = 2000
 CONFIG = Path(__file__).parent / "fuzz" / "schemathesis.toml"
+CLI = Path(__file__).parent / "fuzz" / "schemathesis_cli.py"
 
 
 def run_schemathesis(base: str, out: Path, headers: list[str], checks: str, max_examples: int,
                      exclude: list[str]) -> tuple[int, str, list]:
     har = out / "run.har"
-    cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", f"{base}/openapi.json",
+    cmd = [sys.executable, str(CLI), "--config-file", str(CONFIG), "run", f"{base}/openapi.json",
            "--checks", checks,
            "--max-examples", str(max_examples), "--seed", "20261202", "--workers", "2", "--no-shrink",
            "--phases", "examples,coverage,fuzzing,stateful", "--request-timeout", "30", "--max-failures", "50",
