@@ -95,7 +95,8 @@ LONG = ("Hello there, and welcome to the clinic. We open at eight in the morning
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/test.sh (apt-get install chromium)")
 def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     """Client video mode: the page fetches the head and draws it with WebGL2 (SwiftShader here) from the
-    poses; the mouth moves with the reply audio (in sync within 45 ms) and is still while listening."""
+    poses; the mouth moves with the reply audio, in sync with it by the audio's RTP clock, and is still
+    while listening."""
     from playwright.sync_api import sync_playwright
 
     from benchmarks.lipsync import lipsync_offset_ms
@@ -166,19 +167,21 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     assert moving and still
     assert np.mean(moving) > 1.5 * np.mean(still) + 0.2, (np.mean(moving), np.mean(still))
     # Lip sync as the page saw it: the level of the audio being played out (RTP audio level at playout)
-    # against the jaw the face showed at the same instant (the pose picked by the audio's RTP time,
-    # sampled at 100 Hz; the drawn frames, of which SwiftShader draws a few a second, agree with it).
-    # Measured and printed, not asserted: with Chromium's software WebGL and the whole server on these
-    # two cores it ranged from -10 to +180 ms over runs (tests/test_client_video.py holds the session's
-    # own stamping to +-45 ms on a real aiortc peer). See issue 13's note.
+    # against the jaw the face showed at the same instant (the pose picked by the audio's RTP time),
+    # sampled at 100 Hz; the drawn frames, of which SwiftShader draws a few a second, agree with it. The
+    # renderer reads its mouth pixels back without waiting on the GPU: a synchronous read of the WebGL
+    # canvas had held the page's main thread ~95 % of the time, the probe then ran at ~3 Hz and the
+    # offset it gave ranged from -10 to +180 ms over runs. Now it reads +30 to +50 ms in most runs and up
+    # to +120 in some (five runs; the AnalyserNode's level: -40 to +100): not yet the +-45 ms issue 13 asks,
+    # so the bound here is what tells RTP-clock sync from arrival-time sync (poses arrive ~400 ms early).
     window = [(t / 1000, jaw, level) for t, jaw, level, *_ in data["probe"] if t0 - 1000 <= t <= t1 + 1000]
+    assert np.median(np.diff([t for t, *_ in window])) < 0.02, "the page's 100 Hz probe was held up"
     mouth = [(t, jaw) for t, jaw, _ in window]
-    try:
-        print("client-mode lip sync (ms, r): RTP audio level", lipsync_offset_ms([(t, lv) for t, _, lv in window], mouth),
-              "AnalyserNode", lipsync_offset_ms([(t / 1000, v) for t, v in data["audio"] if t0 - 1000 <= t <= t1 + 1000],
-                                                mouth), "fps", data["fps"])
-    except ValueError as exc:
-        print("client-mode lip sync not measurable:", exc)
+    offset_ms, r = lipsync_offset_ms([(t, lv) for t, _, lv in window], mouth)
+    print("client-mode lip sync (ms, r): RTP audio level", (offset_ms, r), "AnalyserNode",
+          lipsync_offset_ms([(t / 1000, v) for t, v in data["audio"] if t0 - 1000 <= t <= t1 + 1000], mouth),
+          "fps", data["fps"])
+    assert abs(offset_ms) <= 150, (offset_ms, r)
     drawn = [(t / 1000, v) for t, v, _ in data["open"] if t0 - 1000 <= t <= t1 + 1000]
     assert len(drawn) >= 5
     probe_at = np.interp([t for t, _ in drawn], [t for t, _ in mouth], [v for _, v in mouth])

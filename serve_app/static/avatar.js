@@ -237,7 +237,46 @@ export class SplatRenderer {
     this.keys = new Uint16Array(this.n);
     this.weights = new Float32Array(16);
     this.frames = 0;
+    this._readback = null; // the region readback in flight: {sync, bytes, w, h, done}
+    this._pbo = null;
+    this._pboBytes = 0;
     this._constantUniforms();
+  }
+
+  /**
+   * Read a region of the frame just drawn without waiting for the GPU (a pixel-pack buffer and a fence):
+   * a synchronous read (getImageData of this canvas) waits until the frame is finished, and under software
+   * WebGL that kept the page's main thread waiting nearly all the time. Fractions of the canvas, top-left
+   * origin. `done(pixels RGBA, w, h)` is called from `pollReadback` once the GPU has finished; one readback
+   * is in flight at a time (false: one already is).
+   */
+  readRegion(fx, fy, fw, fh, done) {
+    if (this._readback) return false;
+    const gl = this.gl, W = this.canvas.width, H = this.canvas.height;
+    const w = Math.max(1, Math.round(fw * W)), h = Math.max(1, Math.round(fh * H));
+    const x = Math.round(fx * W), y = H - Math.round(fy * H) - h; // GL rows count from the bottom
+    const bytes = w * h * 4;
+    if (!this._pbo) this._pbo = gl.createBuffer();
+    gl.bindBuffer(gl.PIXEL_PACK_BUFFER, this._pbo);
+    if (this._pboBytes !== bytes) { gl.bufferData(gl.PIXEL_PACK_BUFFER, bytes, gl.STREAM_READ); this._pboBytes = bytes; }
+    gl.readPixels(x, y, w, h, gl.RGBA, gl.UNSIGNED_BYTE, 0);
+    gl.bindBuffer(gl.PIXEL_PACK_BUFFER, null);
+    this._readback = { sync: gl.fenceSync(gl.SYNC_GPU_COMMANDS_COMPLETE, 0), bytes, w, h, done };
+    gl.flush();
+    return true;
+  }
+
+  /** Hands over the readback in flight if the GPU has finished it (call once per animation frame). */
+  pollReadback() {
+    const r = this._readback, gl = this.gl;
+    if (!r || gl.getSyncParameter(r.sync, gl.SYNC_STATUS) !== gl.SIGNALED) return;
+    gl.deleteSync(r.sync);
+    this._readback = null;
+    const px = new Uint8Array(r.bytes);
+    gl.bindBuffer(gl.PIXEL_PACK_BUFFER, this._pbo);
+    gl.getBufferSubData(gl.PIXEL_PACK_BUFFER, 0, px);
+    gl.bindBuffer(gl.PIXEL_PACK_BUFFER, null);
+    r.done(px, r.w, r.h);
   }
 
   /** Texture units, the rig's size, the camera and the background: set once; `draw` sets the rest. */

@@ -83,7 +83,6 @@ async function showClientAvatar(props) {
   const renderer = new SplatRenderer(canvas, head);
   const jaw = renderer.channelIndex.jaw_open;
   state.head = { count: head.header.count, bytes: buf.byteLength, cached, load_ms: performance.now() - t0 };
-  measureMouth(canvas);
   // At 100 Hz, apart from drawing (software WebGL may draw only a few frames a second): the jaw the face
   // shows now, and the level of the audio being played out now (the RTP audio-level of the packet at
   // playout; the AnalyserNode's level comes through WebAudio's own buffering, which the listener does
@@ -97,8 +96,10 @@ async function showClientAvatar(props) {
   let last = performance.now(), frames = 0;
   const frame = () => {
     const pose = timeline.current();
+    renderer.pollReadback();
     if (pose) {
       renderer.draw(pose);
+      renderer.readRegion(...MOUTH_BOX, (px) => mouthChange(px));
       state.sync = timeline.sync;
       state.mouthOpen.push([performance.now(), pose.w[jaw], pose.t]);
       if (state.mouthOpen.length > 20000) state.mouthOpen.shift();
@@ -112,27 +113,34 @@ async function showClientAvatar(props) {
   requestAnimationFrame(frame);
 }
 
+// The mouth region (fractions of the frame: x, y, width, height) whose change the page measures.
+const MOUTH_BOX = [0.35, 0.5, 0.3, 0.2];
+let previousMouth = null;
+
+/** Mean absolute change of the mouth region's red and green since the last sample (lips moving with
+ * speech show up here), appended to state.mouth. */
+function mouthChange(px) {
+  if (previousMouth && previousMouth.length === px.length) {
+    let d = 0;
+    for (let i = 0; i < px.length; i += 4) d += Math.abs(px[i] - previousMouth[i]) + Math.abs(px[i + 1] - previousMouth[i + 1]);
+    state.mouth.push([performance.now(), d / (px.length / 2)]);
+    if (state.mouth.length > 20000) state.mouth.shift();
+  }
+  previousMouth = px;
+}
+
 function measureMouth(video) {
-  // Mean absolute change of the mouth region between samples: lips moving with speech show up here.
-  // `video` is the avatar's <video> (server mode) or its WebGL canvas (client mode).
+  // The server-rendered <video>, sampled 15 times a second (the client-rendered canvas is read back
+  // by its renderer after each frame instead, without waiting on the GPU).
   const canvas = document.createElement("canvas");
   const w = 64, h = 64;
   canvas.width = w; canvas.height = h;
   const g = canvas.getContext("2d", { willReadFrequently: true });
-  let prev = null;
   setInterval(() => {
-    const isVideo = video instanceof HTMLVideoElement;
-    if (isVideo && (video.readyState < 2 || !video.videoWidth)) return;
-    const vw = isVideo ? video.videoWidth : video.width, vh = isVideo ? video.videoHeight : video.height;
-    g.drawImage(video, vw * 0.35, vh * 0.5, vw * 0.3, vh * 0.2, 0, 0, w, h);
-    const px = g.getImageData(0, 0, w, h).data;
-    if (prev) {
-      let d = 0;
-      for (let i = 0; i < px.length; i += 4) d += Math.abs(px[i] - prev[i]) + Math.abs(px[i + 1] - prev[i + 1]);
-      state.mouth.push([performance.now(), d / (w * h * 2)]);
-      if (state.mouth.length > 20000) state.mouth.shift();
-    }
-    prev = px;
+    if (video.readyState < 2 || !video.videoWidth) return;
+    const [fx, fy, fw, fh] = MOUTH_BOX, vw = video.videoWidth, vh = video.videoHeight;
+    g.drawImage(video, vw * fx, vh * fy, vw * fw, vh * fh, 0, 0, w, h);
+    mouthChange(g.getImageData(0, 0, w, h).data);
   }, 66);
 }
 
