@@ -194,19 +194,21 @@ def contact_sheet(path: Path, size: int = 192) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer frames and sizes (a smoke run)")
+    ap.add_argument("--face-only", action="store_true",
+                    help="re-measure the face (rig and expressions) and keep render.json's timed rows")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     frames = 10 if a.quick else 40
     sizes = [(256, 256)] if a.quick else [(256, 256), (384, 384), (512, 512), (1280, 720)]
-    rows = []
-    for g in ([20000] if a.quick else [20000, 50000]):
+    rows = json.loads((RESULTS / "render.json").read_text())["rows"] if a.face_only else []
+    for g in ([] if a.face_only else [20000] if a.quick else [20000, 50000]):
         head = build_head(g)
         for w, h in sizes:
             res = time_session(head, w, h, frames if w * h <= 512 * 512 else max(5, frames // 4))
             rows.append({"backend": "cpu-numba-1thread", "width": w, "height": h, "gaussians": len(head),
                          "sessions": 1, **{k: round(v, 2) for k, v in res.items()}})
             print(rows[-1], flush=True)
-    if cuda_available():  # the gpu profile's backend, batched as SessionHost batches sessions
+    if cuda_available() and not a.face_only:  # the gpu profile's backend, batched as SessionHost batches sessions
         for g in [20000, 50000]:
             head = build_head(g)
             for w, h in [(256, 256), (512, 512), (1280, 720)]:

@@ -8,7 +8,7 @@ from models.avatar import raster_torch
 from models.avatar.animate import Animator, SpeechTrack, lip_weights, viseme_of
 from models.avatar.camera import Camera, look_at, portrait_camera
 from models.avatar.gaussians import covariances, quat_from_normal
-from models.avatar.head import CHANNELS, PART_ID, PARTS, build_head
+from models.avatar.head import CHANNELS, MOUTH_Y, PART_ID, PARTS, build_head
 from models.avatar.raster_cpu import contributors, rasterize
 from models.avatar.render import CPUAvatarRenderer, Pose
 
@@ -248,8 +248,8 @@ def test_frame_batcher_batches_sessions_and_keeps_frames_apart():
 
 def test_face_shows_speech_blinks_and_emotions():
     """Measured from pixels at 512^2, as benchmarks/render.py reports them: an open vowel shows the
-    mouth interior and teeth, p/b/m close the lips, a blink closes the lids over the eyes, and the
-    project's own face perception names the emotion the avatar shows."""
+    mouth interior and teeth, p/b/m close the lips, f/v rest the upper teeth on the lower lip, a blink
+    closes the lids over the eyes, and the project's own face perception names the emotion it shows."""
     from models.avatar.animate import VISEMES
     from models.avatar.face_metrics import EYE, MOUTH_INTERIOR, PartCoverage, emotion_readback
 
@@ -259,6 +259,15 @@ def test_face_shows_speech_blinks_and_emotions():
     aa = Pose().set(**VISEMES["aa"])
     assert cover.area(aa, MOUTH_INTERIOR) >= 4 * max(rest, 1) and cover.area(aa, ("teeth",)) > 100
     assert cover.area(Pose().set(**VISEMES["PP"]), MOUTH_INTERIOR) == 0
+    # f/v: a band of the upper teeth shows, resting on the lower lip (the dark mouth barely shows), above
+    # the line where the closed lips meet.
+    teeth, dark = cover(Pose().set(**VISEMES["FF"]), ("teeth",), ("mouth", "tongue"))
+    teeth, dark = teeth > 0.5, dark > 0.5
+    s = head.splats
+    line = (s.labels == PART_ID["lip"]) & (np.abs(s.means[:, 1] - MOUTH_Y) < 0.001)
+    lips_meet = portrait_camera(512, 512).project(s.means[line])[0][:, 1].mean()  # image row
+    assert teeth.sum() > 100 and dark.sum() < 0.5 * teeth.sum(), (teeth.sum(), dark.sum())
+    assert np.where(teeth.any(axis=1))[0].max() < lips_meet
     open_px = cover.area(Pose(), EYE, threshold=0.2)
     assert open_px > 1000  # both eyes are in the picture
     assert cover.area(Pose().set(blink_l=1.0, blink_r=1.0), EYE, threshold=0.2) <= 0.05 * open_px

@@ -12,11 +12,11 @@ from models.avatar.render import Pose
 
 _IDX = {c: i for i, c in enumerate(CHANNELS)}
 
-# Mouth shapes as rig weights (jaw_open, mouth_wide, mouth_round, lip_press). Eleven visemes.
+# Mouth shapes as rig weights (jaw_open, mouth_wide, mouth_round, lip_press, lip_tuck).
 VISEMES: dict[str, dict[str, float]] = {
     "sil": {},
     "PP": {"lip_press": 1.0},  # p b m
-    "FF": {"jaw_open": 0.12, "lip_press": 0.45},  # f v
+    "FF": {"jaw_open": 0.05, "lip_tuck": 1.0},  # f v: upper teeth on the lower lip
     "TH": {"jaw_open": 0.25, "mouth_wide": 0.2},
     "DD": {"jaw_open": 0.3, "mouth_wide": 0.25},  # t d n l
     "kk": {"jaw_open": 0.35},  # k g ng h

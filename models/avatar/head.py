@@ -16,7 +16,7 @@ from models.avatar.gaussians import Splats, fibonacci_sphere, quat_from_normal
 
 CHANNELS = (
     "jaw_open", "mouth_wide", "mouth_round", "lip_press", "smile", "frown", "brows_up", "brows_down",
-    "blink_l", "blink_r", "gaze_x", "gaze_y", "cheek_puff",
+    "blink_l", "blink_r", "gaze_x", "gaze_y", "cheek_puff", "lip_tuck",
 )
 PARTS = ("skin", "hair", "sclera", "iris", "pupil", "lid", "lash", "brow", "lip", "mouth", "teeth",
          "tongue", "ear", "neck", "shirt")
@@ -162,6 +162,8 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
         d[ch["mouth_round"], :, 2] = 0.006 * near
         d[ch["lip_press"], :, 1] = -0.35 * rel_y * near
         d[ch["lip_press"], :, 2] = -0.001 * near
+        # f/v: the skin under the lower lip rises a little with it (the lips' own motion is set below)
+        d[ch["lip_tuck"], :, 1] = 0.0008 * near * (rel_y < 0)
         corner = np.clip(np.abs(p[:, 0]) / 0.024, 0, 1.2) ** 2 * near
         d[ch["smile"], :, 0] += 0.005 * np.sign(p[:, 0]) * corner
         d[ch["smile"], :, 1] += 0.008 * corner
@@ -309,6 +311,16 @@ def build_head(n_gaussians: int = 20000, seed: int = 7, skin=(0.86, 0.64, 0.52),
     d[ch["jaw_open"], ly < MOUTH_Y, 1] = -0.017
     d[ch["jaw_open"], ly < MOUTH_Y, 2] = -0.004
     d[ch["jaw_open"], ly >= MOUTH_Y, 1] = 0.0015
+    # f/v: the upper lip lifts off the upper teeth (its edge most) and the lower lip rolls up and back
+    # until its top rests just over the teeth's edge: a band of upper teeth shows, resting on the lip.
+    upper, lower = ly >= MOUTH_Y, ly < MOUTH_Y
+    edge_up = 1 - np.clip((ly - MOUTH_Y) / 0.0085, 0, 1)
+    top_low = 1 - np.clip((MOUTH_Y - ly) / lower_h, 0, 1)
+    d[ch["lip_tuck"]] = 0
+    d[ch["lip_tuck"], upper, 1] = 0.0006 + 0.0042 * edge_up[upper]
+    d[ch["lip_tuck"], upper, 2] = 0.0008 * edge_up[upper]
+    d[ch["lip_tuck"], lower, 1] = 0.0008 + 0.00155 * top_low[lower]
+    d[ch["lip_tuck"], lower, 2] = -0.003 * top_low[lower]
     add(_splats(lp, ln, sp * 1.15, lip_col, "lip", rng=rng, jitter=0.04, thickness=0.3), d)
 
     mx, my, sp = _grid(-0.024, 0.024, MOUTH_Y - 0.026, MOUTH_Y + 0.006, int(340 * s))

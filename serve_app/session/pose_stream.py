@@ -20,7 +20,7 @@ POSE_FORMAT = struct.Struct(f"<d4f{len(CHANNELS)}f")
 
 
 def pose_message(t: float, pose: Pose, speaking: bool) -> bytes:
-    """One pose as the browser reads it (76 bytes)."""
+    """One pose as the browser reads it (80 bytes)."""
     return POSE_FORMAT.pack(t, pose.yaw, pose.pitch, pose.roll, 1.0 if speaking else 0.0, *pose.weights.tolist())
 
 
