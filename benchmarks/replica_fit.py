@@ -9,7 +9,10 @@ Reports, in `benchmarks/results/replica_fit.json`:
 - the mean face-mesh landmark distance between the photo and the frontal render, in inter-ocular
   distances, before and after;
 - the rig on the fitted head: mouth-interior pixels at rest and with the jaw open, eye pixels left at
-  full blink; the fit's time and Gaussian count.
+  full blink; the fit's time and Gaussian count;
+- a short video of a turning person (a recoloured head, so the truth is known at every turn), fitted
+  at each frame's own head turn and as frontal photos: the turns found, held-back PSNR, and the colour
+  error at turns beyond the video's.
 `benchmarks/results/replica_grace_hopper.png`: the aligned photo, the stock head, the replica, and the
 replica speaking with the head turned.
 
@@ -54,6 +57,37 @@ def interpolation_bound(crop: np.ndarray, face: np.ndarray, block: int) -> float
     return best
 
 
+def video_views(size: int = 128) -> dict:
+    """A short video of a person turning their head, fitted at each frame's own turn and, for comparison,
+    with every frame as a frontal photo. The person is the head with other colours and jitter, so the
+    truth is known at any turn; the frames 0.3 and -0.3 are the held-back ones."""
+    from models.avatar.fit import fit_head
+    from models.avatar.head import build_head
+    from models.avatar.render import CPUAvatarRenderer, Pose
+
+    person = build_head(20000, seed=3, skin=(0.62, 0.5, 0.78), hair=(0.55, 0.42, 0.2), iris=(0.3, 0.5, 0.3))
+    turns = [-0.4, -0.2, 0.0, 0.3, 0.2, 0.4, -0.1, -0.3]
+    r = CPUAvatarRenderer(person, 256, 256)
+    frames = [r.render(Pose(yaw=y)) for y in turns]
+
+    def error_at(head, yaw: float) -> float:
+        seen = CPUAvatarRenderer(head, size, size).render(Pose(yaw=yaw)).astype(float)
+        return round(float(np.abs(seen - CPUAvatarRenderer(person, size, size).render(Pose(yaw=yaw))).mean()), 2)
+
+    out: dict = {"turns": turns, "fit_size": size,
+                 "stock_mean_abs_error_at": {str(y): error_at(build_head(20000), y) for y in (-0.45, 0.45)}}
+    for name, views in (("views", True), ("as_photos", False)):
+        t0 = time.perf_counter()
+        res = fit_head(build_head(20000), frames, size=size, views=views)
+        out[name] = {"fit_s": round(time.perf_counter() - t0, 1), "turns_found": res.view_yaws,
+                     "psnr_head_held_back": [round(res.psnr_before, 2), round(res.psnr_after, 2)],
+                     "psnr_face_held_back": [round(res.psnr_face_before, 2), round(res.psnr_face_after, 2)],
+                     # colour error (0-255) of the fitted head against the person at turns past any frame
+                     "mean_abs_error_at": {str(y): error_at(res.head, y) for y in (-0.45, 0.45)}}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
 def main() -> None:
     from PIL import Image
 
@@ -96,6 +130,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "replica_fit.json").write_text(json.dumps({
         "photo": "matplotlib sample_data/grace_hopper.jpg", "fit_size": size, "runs": runs, "rig": rig,
+        "video": video_views(),
         "targets": {"psnr_face_after": 26.0, "landmark_error_after": 0.05}}, indent=2))
     crop = (aligned.crop * 255).astype(np.uint8)
     tiles = [np.asarray(Image.fromarray(crop)), CPUAvatarRenderer(stock, size, size).render(Pose()),

@@ -55,7 +55,7 @@ class ReplicaTrainer:
                 "landmark_error_before": r(result.landmark_error_before, 4),
                 "landmark_error_after": r(result.landmark_error_after, 4), "shaped": result.shaped,
                 "holdout": result.holdout, "gaussians": len(result.head), "frames_used": result.frames_used,
-                "frames_held_back": result.frames_held_back,
+                "frames_held_back": result.frames_held_back, "view_yaws": result.view_yaws,
                 "align_score": round(float(min(result.align_scores)), 3) if result.align_scores else None,
                 "fit_s": round(time.perf_counter() - t0, 1), "trained_on_node": node_id()}
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from models.avatar.camera import portrait_camera
 from models.avatar.gaussians import Splats, covariances
-from models.avatar.head import Head
+from models.avatar.head import PIVOT, Head
 from models.avatar.raster_cpu import contributors
-from models.avatar.render import BACKGROUND, CPUAvatarRenderer, Pose
+from models.avatar.render import BACKGROUND, CPUAvatarRenderer, Pose, PosedHead, euler_to_matrix
 
 
 # --- alignment --------------------------------------------------------------------------------------------
@@ -115,6 +115,7 @@ class FitResult:
     landmark_error_after: float | None = None
     shaped: bool = False  # the head returned was reshaped to the face mesh (a face was found, the fit kept)
     holdout: str = ""  # what was held back
+    view_yaws: list[float] = field(default_factory=list)  # each frame's head turn as fitted (radians; 0: frontal)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -128,29 +129,77 @@ class _Frame:
     crop: np.ndarray  # (size, size, 3) float in [0, 1], in the head's frontal framing
     score: float  # how sure the alignment is (face-mesh confidence, or template correlation)
     landmarks: np.ndarray | None  # (478, 3) in LANDMARK_SIZE render pixels; None without a face mesh
-    yaw: float = 0.0
+    yaw: float = 0.0  # the face analyser's estimate, degrees
+    head_yaw: float = 0.0  # the head's turn in this frame as the renderer's Pose takes it (radians)
 
 
-def _align_by_mesh(frames: list[np.ndarray], size: int, stock_lm: np.ndarray | None, analyzer) -> list[_Frame | None]:
+VIEW_YAWS = np.round(np.arange(-0.7, 0.71, 0.1), 2)  # the head turns a video's views are looked up among
+
+
+def _view_table(head: Head, analyzer) -> list[tuple[float, float, np.ndarray]]:
+    """(yaw, the face analyser's yaw in degrees, face-mesh landmarks) of `head` rendered at each of
+    VIEW_YAWS where a mesh is found."""
+    r = CPUAvatarRenderer(head, LANDMARK_SIZE, LANDMARK_SIZE)
+    found = analyzer.analyse([r.render(Pose(yaw=float(y))) for y in VIEW_YAWS])
+    table = [(float(y), float(o.yaw_deg), o.landmarks) for y, o in zip(VIEW_YAWS, found, strict=True) if o.present]
+    # Only the turns out to where the reading still changes one way (it falls as yaw grows): beyond,
+    # the mesh no longer follows the head and a reading could not be told apart.
+    mid = min(range(len(table)), key=lambda i: abs(table[i][0])) if table else 0
+    lo = hi = mid
+    while lo > 0 and table[lo - 1][1] > table[lo][1]:
+        lo -= 1
+    while hi < len(table) - 1 and table[hi + 1][1] < table[hi][1]:
+        hi += 1
+    return table[lo:hi + 1]
+
+
+def _head_yaw(yaw_deg: float, table: list[tuple[float, float, np.ndarray]]) -> float:
+    """The head turn at which the face analyser reads the head as turned by `yaw_deg`: its reading is
+    compressed at larger turns (0.45 rad reads as ~32 deg), and the same on the head's own renders, so
+    interpolating in the table of those readings undoes it."""
+    ys, ds = np.array([t[0] for t in table]), np.array([t[1] for t in table])
+    order = np.argsort(ds)
+    return round(float(np.interp(yaw_deg, ds[order], ys[order])), 3)
+
+
+def _align_by_mesh(frames: list[np.ndarray], size: int, stock_lm: np.ndarray | None, analyzer,
+                   views: Head | None = None) -> list[_Frame | None]:
     """Each frame in the head's framing by the face mesh (a similarity onto the stock head's landmarks);
-    None for a frame where no mesh is found."""
+    None for a frame where no mesh is found. `views` (a video's head): each frame's head turn is found
+    among renders of that head (`_head_yaw`), and the frame is framed onto the head's landmarks at that
+    turn, so a turned face is fitted against the turned head instead of being squeezed onto a frontal one."""
     import cv2
 
     from models.avatar.shape import MESH_POINTS, apply_affine, similarity
 
     if stock_lm is None:
         return [None] * len(frames)
+    table = _view_table(views, analyzer) if views is not None else []
+    observed = analyzer.analyse(frames)
+    yaws = [_head_yaw(o.yaw_deg, table) if len(table) > 1 and o.present and o.landmarks is not None else 0.0
+            for o in observed]
+    turned = sorted({y for y in yaws if y != 0.0})
+    if turned:  # the head's own landmarks at each frame's turn
+        r = CPUAvatarRenderer(views, LANDMARK_SIZE, LANDMARK_SIZE)
+        found = analyzer.analyse([r.render(Pose(yaw=y)) for y in turned])
+        refs = {y: o.landmarks for y, o in zip(turned, found, strict=True) if o.present}
+    else:
+        refs = {}
     out: list[_Frame | None] = []
-    for f, o in zip(frames, analyzer.analyse(frames), strict=True):
+    for f, o, yaw in zip(frames, observed, yaws, strict=True):
         if not (o.present and o.landmarks is not None):
             out.append(None)
             continue
-        m = similarity(o.landmarks[:MESH_POINTS, :2], stock_lm[:MESH_POINTS, :2])
+        if yaw != 0.0 and yaw not in refs:  # no mesh on the head's own render at that turn: the nearest that has one
+            nearest = min(table, key=lambda t: abs(t[0] - yaw))
+            yaw, refs[nearest[0]] = nearest[0], nearest[2]
+        ref = refs.get(yaw, stock_lm) if yaw != 0.0 else stock_lm
+        m = similarity(o.landmarks[:MESH_POINTS, :2], ref[:MESH_POINTS, :2])
         lm = o.landmarks.copy()
         lm[:, :2] = apply_affine(m, lm[:, :2])
         crop = cv2.warpAffine(np.ascontiguousarray(f), m * (size / LANDMARK_SIZE), (size, size), flags=cv2.INTER_AREA,
                               borderMode=cv2.BORDER_REPLICATE)
-        out.append(_Frame(crop.astype(np.float32) / 255.0, float(o.score), lm, float(o.yaw_deg)))
+        out.append(_Frame(crop.astype(np.float32) / 255.0, float(o.score), lm, float(o.yaw_deg), yaw))
     return out
 
 
@@ -183,17 +232,17 @@ def landmark_error(head: Head, landmarks: np.ndarray, analyzer) -> float | None:
     return _landmark_distance(o.landmarks, landmarks) if o.present else None
 
 
-def _lands_on(head: Head, cam, pixels: np.ndarray) -> np.ndarray:
-    """Which Gaussians' means project onto a True pixel of `pixels`."""
-    uv, _ = cam.project(head.splats.means)
+def _lands_on(means: np.ndarray, cam, pixels: np.ndarray) -> np.ndarray:
+    """Which Gaussians' means (posed) project onto a True pixel of `pixels`."""
+    uv, _ = cam.project(means)
     u = np.clip(uv[:, 0].astype(np.int64), 0, cam.width - 1)
     v = np.clip(uv[:, 1].astype(np.int64), 0, cam.height - 1)
     return pixels[v, u]
 
 
-def _project_colours(head: Head, crop: np.ndarray, cam) -> np.ndarray:
-    """Each Gaussian's colour sampled from `crop` (bilinear, edges clamped) where its mean projects."""
-    uv, _ = cam.project(head.splats.means)
+def _project_colours(means: np.ndarray, crop: np.ndarray, cam) -> np.ndarray:
+    """Each Gaussian's colour sampled from `crop` (bilinear, edges clamped) where its mean (posed) projects."""
+    uv, _ = cam.project(means)
     h, w = crop.shape[:2]
     u = np.clip(uv[:, 0] - 0.5, 0, w - 1.001)
     v = np.clip(uv[:, 1] - 0.5, 0, h - 1.001)
@@ -271,17 +320,19 @@ def _carry_colours(means: np.ndarray, stock: np.ndarray, fitted: np.ndarray, see
     return out
 
 
-def visibility(head: Head, cam, pixels: np.ndarray) -> np.ndarray:
-    """How much each Gaussian makes up of the frontal render at `pixels` (H, W bool): the gradient of
-    the summed render by the Gaussian's colour."""
+def visibility(head: Head, cam, pixels: np.ndarray, pose: Pose | None = None) -> np.ndarray:
+    """How much each Gaussian makes up of the render at `pose` (frontal by default) at `pixels` (H, W
+    bool): the gradient of the summed render by the Gaussian's colour."""
     import torch
 
     from models.avatar import raster_torch
+    from models.avatar.render import PosedHead
 
     s = head.splats
-    covs = covariances(s.quats, s.scales).astype(np.float32)
-    ids = torch.from_numpy(contributors(s.means, covs, s.opacities, cam).reshape(cam.width * cam.height, -1)).long()
-    means2d, conics, _, _ = raster_torch.project(torch.from_numpy(s.means), torch.from_numpy(covs), cam)
+    means, covs = PosedHead(head)(pose or Pose())
+    means, covs = means.astype(np.float32), covs.astype(np.float32)
+    ids = torch.from_numpy(contributors(means, covs, s.opacities, cam).reshape(cam.width * cam.height, -1)).long()
+    means2d, conics, _, _ = raster_torch.project(torch.from_numpy(means), torch.from_numpy(covs), cam)
     probe = torch.zeros((len(s), 3), requires_grad=True)
     img = raster_torch.composite(means2d, conics, probe, torch.from_numpy(s.opacities), ids, cam.width, cam.height)
     (img[..., 0] * torch.from_numpy(pixels.astype(np.float32))).sum().backward()
@@ -289,13 +340,16 @@ def visibility(head: Head, cam, pixels: np.ndarray) -> np.ndarray:
 
 
 def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps: int = 60, offset_steps: int = 30,
-             max_offset: float = 0.003, holdout_block: int = 1, detail: bool | None = None, analyzer=None) -> FitResult:
+             max_offset: float = 0.003, holdout_block: int = 1, detail: bool | None = None, analyzer=None,
+             views: bool = True) -> FitResult:
     """Fit `head` to the face in `frames` (RGB uint8): reshape it to the face mesh, give the face finer
     Gaussians (`detail`; by default when `size` >= 192, where pixels are finer than the stock head's
     Gaussians: at coarser sizes split Gaussians would only alias), colour it from the frames (projected,
     then fitted by differentiable rendering) after fitting small position offsets. A single photo is
     fitted on a checkerboard of `holdout_block`-pixel blocks and measured on the others; a video holds
-    back every 4th frame.
+    back every 4th frame. A video's frames are views: each is fitted (and measured) at the head turn the
+    face mesh shows in it (`views=False`: every frame as a frontal photo, for comparison); a frame where no
+    mesh is found is matched to the frontal render.
 
     The default checkerboard is of single pixels: with larger blocks the held-back number measures
     inpainting, not the replica (on matplotlib's Grace Hopper at 192^2, the best image-space
@@ -320,9 +374,10 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     mask = silhouette(template)
     stock_obs = analyzer.analyse([CPUAvatarRenderer(head, LANDMARK_SIZE, LANDMARK_SIZE).render(Pose())])[0]
     stock_lm = stock_obs.landmarks if stock_obs.present else None
-    by_mesh = _align_by_mesh(frames, size, stock_lm, analyzer)
+    video = len(frames) > 1
+    by_mesh = _align_by_mesh(frames, size, stock_lm, analyzer, views=head if video and views else None)
     held = []  # a video holds back every 4th frame (at least one)
-    if len(frames) > 1:
+    if video:
         held = [i for i in range(len(frames)) if i % 4 == 3] or [len(frames) - 1]
     # The face the head takes the shape of: the most confident, most frontal training view.
     meshed = [a for i, a in enumerate(by_mesh) if a is not None and i not in held]
@@ -342,45 +397,68 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     aligned = [a if a is not None else _Frame(*align_face(f, template, mask, size), None)
                for f, a in zip(frames, by_mesh, strict=True)]
     crops = [a.crop for a in aligned]
-    if held:  # a video
+    # Each frame's view of the head: its turn, and the head's silhouette and face outline at that turn.
+    poses = [Pose(yaw=a.head_yaw) for a in aligned]
+    masks = [mask if p.yaw == 0.0 else silhouette(CPUAvatarRenderer(head, size, size).render(p)) for p in poses]
+    faces = [_face_mask(a.landmarks, size) if a.landmarks is not None and video else face for a in aligned]
+    if video:
         train_idx = [i for i in range(len(crops)) if i not in held]
-        train_masks = [mask] * len(train_idx)
-        held_pairs = [(crops[i], mask) for i in held]
+        train_masks = [masks[i] for i in train_idx]
+        held_views = [(crops[i], masks[i], faces[i], poses[i]) for i in held]
     else:  # one photo: fit on a checkerboard of blocks, measure on the other blocks
         yy, xx = np.mgrid[:size, :size]
         board = ((yy // holdout_block + xx // holdout_block) % 2 == 0)
         train_idx, train_masks = [0], [mask & board]
-        held_pairs = [(crops[0], mask & ~board)]
+        held_views = [(crops[0], mask & ~board, face, poses[0])]
     targets = [torch.from_numpy(crops[i]) for i in train_idx]
     tmask = [torch.from_numpy(m) for m in train_masks]
 
     s = head.splats
     covs = covariances(s.quats, s.scales).astype(np.float32)
-    covs_t = torch.from_numpy(covs)
     base = torch.from_numpy(s.means.astype(np.float32))
     opac = torch.from_numpy(s.opacities.astype(np.float32))
+    posed_head = PosedHead(head)
+    hw = torch.from_numpy(head.head_weight.astype(np.float32))[:, None]
+    pivot = torch.from_numpy(PIVOT.astype(np.float32))
+    # Per training view: the head's rotation (None: frontal) and the covariances turned with it.
+    turns = [None if poses[i].yaw == 0.0 else torch.from_numpy(euler_to_matrix(poses[i].yaw, 0.0, 0.0)) for i in train_idx]
+    view_covs = [torch.from_numpy(covs if poses[i].yaw == 0.0 else posed_head(poses[i])[1].astype(np.float32))
+                 for i in train_idx]
 
-    def lists(means_np: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(contributors(means_np, covs, s.opacities, cam).reshape(size * size, -1)).long()
+    def turn(means: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
+        """The means as the head's turn moves them (each Gaussian by its head weight), as PosedHead does."""
+        return means if R is None else means + hw * ((means - pivot) @ R.T + pivot - means)
 
-    def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        means2d, conics, _, _ = raster_torch.project(means, covs_t, cam)
+    def lists(means: torch.Tensor, k: int) -> torch.Tensor:
+        m = turn(means, turns[k]).detach().numpy()
+        return torch.from_numpy(contributors(m, view_covs[k].numpy(), s.opacities, cam).reshape(size * size, -1)).long()
+
+    def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+        means2d, conics, _, _ = raster_torch.project(turn(means, turns[k]), view_covs[k], cam)
         return raster_torch.composite(means2d, conics, colors, opac, ids, size, size, BACKGROUND)
 
     def evaluate(h: Head) -> tuple[float, float | None]:
-        img = CPUAvatarRenderer(h, size, size).render(Pose()).astype(np.float32) / 255
-        whole = float(np.mean([psnr(img, t, m) for t, m in held_pairs]))
-        in_face = float(np.mean([psnr(img, t, m & face) for t, m in held_pairs])) if face is not None else None
-        return whole, in_face
+        r = CPUAvatarRenderer(h, size, size)
+        imgs = [r.render(p).astype(np.float32) / 255 for _, _, _, p in held_views]
+        whole = float(np.mean([psnr(img, t, m) for img, (t, m, _, _) in zip(imgs, held_views, strict=True)]))
+        in_face = [psnr(img, t, m & f) for img, (t, m, f, _) in zip(imgs, held_views, strict=True) if f is not None]
+        return whole, (float(np.mean(in_face)) if in_face else None)
 
     before, face_before = evaluate(original)
     stock_colors = s.colors.copy()
-    train_pixels = np.any(train_masks, axis=0)
-    seen = visibility(head, cam, train_pixels) > 0.05
     init = stock_colors.copy()
-    # Projected colours only where the mean lands on a training pixel: the held-back ones stay unseen.
-    on_train = _lands_on(head, cam, train_pixels)
-    init[seen & on_train] = np.mean([_project_colours(head, crops[i], cam) for i in train_idx], 0)[seen & on_train]
+    # Projected colours only where a view shows the Gaussian and its mean lands on a training pixel (the
+    # held-back ones stay unseen), averaged over the views that do.
+    total, count = np.zeros_like(init), np.zeros(len(s), np.float32)
+    seen = np.zeros(len(s), bool)
+    for k, i in enumerate(train_idx):
+        shown = visibility(head, cam, train_masks[k], poses[i]) > 0.05
+        means_i = posed_head(poses[i])[0]
+        use = shown & _lands_on(means_i, cam, train_masks[k])
+        total[use] += _project_colours(means_i, crops[i], cam)[use]
+        count[use] += 1
+        seen |= shown
+    init[count > 0] = total[count > 0] / count[count > 0, None]
     logit = torch.logit(torch.from_numpy(np.clip(init, 0.02, 0.98).astype(np.float32)))
     logit.requires_grad_(True)
     offset = torch.zeros_like(base, requires_grad=True)
@@ -390,12 +468,13 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     step_mask = movable[:, None] * torch.tensor([1.0, 1.0, 0.0])
     # Offsets first (against the projected colours), then the colours at the final positions.
     for phase, steps, params, lr in (("offset", offset_steps, [offset], 3e-4), ("colour", color_steps, [logit], 0.08)):
-        ids = lists((base + offset).detach().numpy())
+        ids = [lists(base + offset, k) for k in range(len(train_idx))]
         opt = torch.optim.Adam(params, lr=lr)
         for _ in range(steps):
             opt.zero_grad()
-            img = render(base + offset, torch.sigmoid(logit), ids)
-            loss = sum(((img - t) ** 2)[m].mean() for t, m in zip(targets, tmask, strict=True)) / len(targets)
+            colors = torch.sigmoid(logit)
+            loss = sum(((render(base + offset, colors, ids[k], k) - t) ** 2)[m].mean()
+                       for k, (t, m) in enumerate(zip(targets, tmask, strict=True))) / len(targets)
             if phase == "offset":
                 loss = loss + 10.0 * (offset ** 2).sum() / len(offset)  # stay near the rig's shape
             loss.backward()
@@ -418,5 +497,6 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
         lm_after = landmark_error(fitted, ref.landmarks, analyzer)
     holdout = (f"every 4th frame at {size}px" if held
                else f"checkerboard of {holdout_block}px blocks at {size}px")
-    return FitResult(fitted, before, after, len(train_idx), len(held_pairs), [a.score for a in aligned],
-                     face_before, face_after, lm_before, lm_after, shaped, holdout)
+    return FitResult(fitted, before, after, len(train_idx), len(held_views), [a.score for a in aligned],
+                     face_before, face_after, lm_before, lm_after, shaped, holdout,
+                     [round(p.yaw, 3) for p in poses])
