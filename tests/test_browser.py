@@ -125,12 +125,13 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
             "() => window.presence.events.some(e => e.event_type === 'conversation.utterance'"
             " && e.properties.role === 'replica')", timeout=90_000)
         page.wait_for_timeout(1500)
-        # A long sentence said through the client's own data channel gives lip sync something to measure.
+        # A long sentence said through the client's own data channel gives lip sync something to measure
+        # (counted before it is sent: the page may see the avatar start before a count after it).
+        n_started = page.evaluate("() => window.presence.events.filter("
+                                  "e => e.event_type === 'conversation.replica.started_speaking').length")
         page.evaluate("(text) => window.presence.channel.send(JSON.stringify({message_type: 'conversation',"
                       " event_type: 'conversation.echo', conversation_id: window.presence.conversationId,"
                       " properties: {text}}))", LONG)
-        n_started = page.evaluate("() => window.presence.events.filter("
-                                  "e => e.event_type === 'conversation.replica.started_speaking').length")
         page.wait_for_function(f"() => window.presence.events.filter("
                                f"e => e.event_type === 'conversation.replica.started_speaking').length > {n_started}",
                                timeout=30_000)
@@ -162,10 +163,14 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     stopped = [e for e in data["events"] if e["event_type"] == "conversation.replica.stopped_speaking"][-1]
     t0, t1 = started["received_at"], stopped["received_at"]
     moving = [d for t, d in data["mouth"] if t0 + 300 <= t <= t1]
-    shown = data["open"][0][0] + 1000  # the first drawn frame (and the blank canvas before it) excluded
-    still = [d for t, d in data["mouth"] if shown <= t < users[0]["received_at"] - 3000]
-    assert moving and still
-    assert np.mean(moving) > 1.5 * np.mean(still) + 0.2, (np.mean(moving), np.mean(still))
+    # The first drawn frame (and the blank canvas before it) excluded: by time, and the first change
+    # (second frame against the first), which can come back seconds later at SwiftShader's frame rate.
+    shown = data["open"][0][0] + 1000
+    still = [d for t, d in data["mouth"][1:] if shown <= t < users[0]["received_at"] - 3000]
+    # Medians: SwiftShader draws 1-4 frames a second here, so each side has a handful of samples (the
+    # renderer reads each drawn frame back), and one odd pair of frames must not decide it.
+    assert len(moving) >= 3 and len(still) >= 2, (moving, still)
+    assert np.median(moving) > 1.5 * np.median(still) + 0.2, (moving, still)
     # Lip sync as the page saw it: the level of the audio being played out (RTP audio level at playout)
     # against the jaw the face showed at the same instant (the pose picked by the audio's RTP time),
     # sampled at 100 Hz; the drawn frames, of which SwiftShader draws a few a second, agree with it. The
