@@ -193,7 +193,7 @@ def _align_by_mesh(frames: list[np.ndarray], size: int, stock_lm: np.ndarray | N
         if yaw != 0.0 and yaw not in refs:  # no mesh on the head's own render at that turn: the nearest that has one
             nearest = min(table, key=lambda t: abs(t[0] - yaw))
             yaw, refs[nearest[0]] = nearest[0], nearest[2]
-        ref = refs.get(yaw, stock_lm) if yaw != 0.0 else stock_lm
+        ref = refs[yaw] if yaw != 0.0 else stock_lm
         m = similarity(o.landmarks[:MESH_POINTS, :2], ref[:MESH_POINTS, :2])
         lm = o.landmarks.copy()
         lm[:, :2] = apply_affine(m, lm[:, :2])
@@ -399,7 +399,8 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     crops = [a.crop for a in aligned]
     # Each frame's view of the head: its turn, and the head's silhouette and face outline at that turn.
     poses = [Pose(yaw=a.head_yaw) for a in aligned]
-    masks = [mask if p.yaw == 0.0 else silhouette(CPUAvatarRenderer(head, size, size).render(p)) for p in poses]
+    turned_view = CPUAvatarRenderer(head, size, size) if any(p.yaw != 0.0 for p in poses) else None
+    masks = [mask if p.yaw == 0.0 else silhouette(turned_view.render(p)) for p in poses]
     faces = [_face_mask(a.landmarks, size) if a.landmarks is not None and video else face for a in aligned]
     if video:
         train_idx = [i for i in range(len(crops)) if i not in held]
