@@ -103,7 +103,9 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
 
     question = speech_pcm48k("What is the capital of France?", tts)
     wav, y4m = tmp_path / "question.wav", tmp_path / "camera.y4m"
-    write_wav(wav, np.concatenate([np.zeros(48000 * 6, np.int16), question, np.zeros(48000 * 30, np.int16)]))
+    # 9 s of listening before the question: the head can be drawn late on a busy box (SwiftShader, 1-4
+    # fps), and the still side of the mouth check needs a few frames before the question.
+    write_wav(wav, np.concatenate([np.zeros(48000 * 9, np.int16), question, np.zeros(48000 * 30, np.int16)]))
     write_y4m(y4m)
     args = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
@@ -165,8 +167,11 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     moving = [d for t, d in data["mouth"] if t0 + 300 <= t <= t1]
     # The first drawn frame (and the blank canvas before it) excluded: by time, and the first change
     # (second frame against the first), which can come back seconds later at SwiftShader's frame rate.
+    # Still: while the avatar listens and thinks, up to its first reply's start (the mouth does not move
+    # before the first reply audio is played, which comes after that event).
     shown = data["open"][0][0] + 1000
-    still = [d for t, d in data["mouth"][1:] if shown <= t < users[0]["received_at"] - 3000]
+    first_reply = next(e for e in data["events"] if e["event_type"] == "conversation.replica.started_speaking")
+    still = [d for t, d in data["mouth"][1:] if shown <= t < first_reply["received_at"]]
     # Medians: SwiftShader draws 1-4 frames a second here, so each side has a handful of samples (the
     # renderer reads each drawn frame back), and one odd pair of frames must not decide it.
     assert len(moving) >= 3 and len(still) >= 2, (moving, still)
