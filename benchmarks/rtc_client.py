@@ -18,7 +18,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from serve_app.ice import use_loopback_candidates
+from serve_app.ice import use_loopback_candidates, use_rfc_consent
 
 RATE = 48000
 FRAME = 960
@@ -33,6 +33,11 @@ def speech_pcm48k(text: str, tts=None) -> np.ndarray:
     speech = tts.synthesize(text)
     audio = resample(speech.audio, speech.sample_rate, RATE)
     return (np.clip(audio, -1, 1) * 32767 * 0.8).astype(np.int16)
+
+
+class SessionEnded(RuntimeError):
+    """The session ended under the client (a `system.shutdown`, or the peer connection closed) while it
+    waited for an event or spoke."""
 
 
 class ScriptedMic(MediaStreamTrack):
@@ -148,6 +153,7 @@ class PresenceRTCClient:
         """Join the created conversation. `as_operator`: with the API key too, so the data channel takes
         echo and context changes (the meeting token alone grants a participant's respond/interrupt)."""
         use_loopback_candidates()
+        use_rfc_consent()  # as a browser does: consent lasts until no check is answered for 30 s
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", self._on_message)
@@ -155,6 +161,7 @@ class PresenceRTCClient:
         avatar.on("message", self._on_avatar)
         self.pc.addTrack(self.mic)
         self.pc.addTrack(self.camera)
+        self.pc.on("connectionstatechange", self._new_event.set)  # a waiter learns the peer is gone
 
         @self.pc.on("track")
         def on_track(track):
@@ -235,6 +242,11 @@ class PresenceRTCClient:
             for ev in self.events[since:]:
                 if ev["event_type"] == event_type and all(ev["properties"].get(k) == v for k, v in match.items()):
                     return ev
+                if ev["event_type"] == "system.shutdown" and event_type != "system.shutdown":
+                    raise SessionEnded(f"the session ended ({ev['properties'].get('shutdown_reason')}) while waiting "
+                                       f"for {event_type}")
+            if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+                raise SessionEnded(f"the peer connection is {self.pc.connectionState} while waiting for {event_type}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {event_type} {match} within {timeout}s; got {[e['event_type'] for e in self.events]}")
@@ -262,7 +274,14 @@ class PresenceRTCClient:
 
     async def say(self, pcm48k: np.ndarray) -> float:
         """Speak an utterance; returns the wall time its last sample was sent (speech end)."""
-        await self.mic.play(pcm48k).wait()
+        done = self.mic.play(pcm48k)
+        while not done.is_set():  # a closed peer stops pulling the microphone: the clip would never end
+            if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+                raise SessionEnded(f"the peer connection is {self.pc.connectionState} while speaking")
+            try:
+                await asyncio.wait_for(done.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
         return self.mic.last_speech_sent
 
     def first_audio_after(self, t: float, threshold: float = 0.01) -> float | None:

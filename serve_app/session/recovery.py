@@ -66,6 +66,8 @@ class StageGuard:
             return await fut
         except asyncio.CancelledError:
             fut.cancel()
+            # The cancelled call ends in Serve's RequestCancelledError, which nobody awaits any more.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             if hasattr(response, "cancel"):
                 response.cancel()
             raise

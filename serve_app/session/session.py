@@ -125,7 +125,7 @@ class Session:
 
     async def _listen(self, track) -> None:
         await self.listener.run(track)
-        self.transport.participant_left()  # the microphone track ended
+        self.transport.participant_left("microphone track ended")
 
     async def run(self) -> str:
         """Supervises the session until a shutdown rule fires; returns the reason."""

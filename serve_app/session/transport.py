@@ -88,7 +88,12 @@ class Transport:
             return False
         return True
 
-    def participant_left(self) -> None:
+    def participant_left(self, why: str = "") -> None:
+        if self.left_at is None:
+            # Which signal ended it (a peer state, the microphone track) is what tells a user who left
+            # from a connection that failed under load.
+            log.warning("participant left: %s (connection %s, ICE %s)", why or "peer state", self.pc.connectionState,
+                        self.pc.iceConnectionState)
         self.left_at = self.left_at or time.monotonic()
 
     async def close(self) -> None:
@@ -116,4 +121,4 @@ class Transport:
             self.left_at = None
             self.connected.set()
         elif state in ("failed", "closed", "disconnected"):
-            self.participant_left()
+            self.participant_left(f"connection {state}")
