@@ -236,6 +236,10 @@ class PresenceRTCClient:
         self.channel.send(json.dumps({"message_type": "conversation", "event_type": event_type,
                                       "conversation_id": self.conversation["conversation_id"], "properties": properties}))
 
+    def _raise_if_closed(self, doing: str) -> None:
+        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+            raise SessionEnded(f"the peer connection is {self.pc.connectionState} while {doing}")
+
     async def wait_event(self, event_type: str, timeout: float = 30, since: int = 0, **match) -> dict:
         deadline = time.monotonic() + timeout
         while True:
@@ -245,8 +249,7 @@ class PresenceRTCClient:
                 if ev["event_type"] == "system.shutdown" and event_type != "system.shutdown":
                     raise SessionEnded(f"the session ended ({ev['properties'].get('shutdown_reason')}) while waiting "
                                        f"for {event_type}")
-            if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
-                raise SessionEnded(f"the peer connection is {self.pc.connectionState} while waiting for {event_type}")
+            self._raise_if_closed(f"waiting for {event_type}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {event_type} {match} within {timeout}s; got {[e['event_type'] for e in self.events]}")
@@ -276,8 +279,7 @@ class PresenceRTCClient:
         """Speak an utterance; returns the wall time its last sample was sent (speech end)."""
         done = self.mic.play(pcm48k)
         while not done.is_set():  # a closed peer stops pulling the microphone: the clip would never end
-            if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
-                raise SessionEnded(f"the peer connection is {self.pc.connectionState} while speaking")
+            self._raise_if_closed("speaking")
             try:
                 await asyncio.wait_for(done.wait(), timeout=0.25)
             except TimeoutError:

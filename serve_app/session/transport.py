@@ -89,12 +89,13 @@ class Transport:
         return True
 
     def participant_left(self, why: str = "") -> None:
-        if self.left_at is None:
-            # Which signal ended it (a peer state, the microphone track) is what tells a user who left
-            # from a connection that failed under load.
-            log.warning("participant left: %s (connection %s, ICE %s)", why or "peer state", self.pc.connectionState,
-                        self.pc.iceConnectionState)
-        self.left_at = self.left_at or time.monotonic()
+        if self.left_at is not None:
+            return
+        # Which signal ended it (a peer state, the microphone track) is what tells a user who left from a
+        # connection that failed under load.
+        log.warning("participant left: %s (connection %s, ICE %s)", why or "peer state", self.pc.connectionState,
+                    self.pc.iceConnectionState)
+        self.left_at = time.monotonic()
 
     async def close(self) -> None:
         await self.pc.close()
