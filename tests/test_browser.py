@@ -148,8 +148,8 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
             (await window.presence.pc.getStats()).forEach((s) => {
                 if (s.type === 'inbound-rtp') stats.push({kind: s.kind, packets: s.packetsReceived}); });
             const p = window.presence;
-            return {events: p.events, audio: p.audioLevels, mouth: p.mouth, open: p.mouthOpen, probe: p.mouthProbe, fps: p.fps,
-                    head: p.head, sync: p.sync, error: p.error, id: p.conversationId, stats,
+            return {events: p.events, audio: p.audioLevels, cavity: p.mouthCavity, open: p.mouthOpen,
+                    probe: p.mouthProbe, fps: p.fps, head: p.head, sync: p.sync, error: p.error, id: p.conversationId, stats,
                     video: document.getElementById('avatar-canvas').width};
         }""")
         browser.close()
@@ -164,18 +164,23 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     started = [e for e in data["events"] if e["event_type"] == "conversation.replica.started_speaking"][-1]
     stopped = [e for e in data["events"] if e["event_type"] == "conversation.replica.stopped_speaking"][-1]
     t0, t1 = started["received_at"], stopped["received_at"]
-    moving = [d for t, d in data["mouth"] if t0 + 300 <= t <= t1]
-    # The first drawn frame (and the blank canvas before it) excluded: by time, and the first change
-    # (second frame against the first), which can come back seconds later at SwiftShader's frame rate.
-    # Still: while the avatar listens and thinks, up to its first reply's start (the mouth does not move
-    # before the first reply audio is played, which comes after that event).
+    # The drawn pixels: how much of the mouth region is the open mouth's dark inside, read back from each
+    # drawn frame with the jaw weight that frame was drawn with. (The frame-to-frame change of the region
+    # does not tell talking from listening at SwiftShader's 1-4 fps: a nod at the end of the user's turn
+    # or the breathing sway between two frames a second apart changes the region as much as the jaw.)
+    # Talking: the inside shows as the jaw opens and follows it. Listening and thinking, from the head's
+    # first draw (+1 s) to the avatar's first reply (the mouth cannot move before that reply's audio
+    # plays): the mouth stays shut.
     shown = data["open"][0][0] + 1000
     first_reply = next(e for e in data["events"] if e["event_type"] == "conversation.replica.started_speaking")
-    still = [d for t, d in data["mouth"][1:] if shown <= t < first_reply["received_at"]]
-    # Medians: SwiftShader draws 1-4 frames a second here, so each side has a handful of samples (the
-    # renderer reads each drawn frame back), and one odd pair of frames must not decide it.
-    assert len(moving) >= 3 and len(still) >= 2, (moving, still)
-    assert np.median(moving) > 1.5 * np.median(still) + 0.2, (moving, still)
+    talking = np.array([(jaw, cav) for t, jaw, cav in data["cavity"] if t0 <= t <= t1])
+    listening = [cav for t, _, cav in data["cavity"] if shown <= t < first_reply["received_at"]]
+    assert len(talking) >= 5 and len(listening) >= 2, (talking, listening)
+    jaws, cavities = talking.T
+    print("mouth inside: talking p90", np.percentile(cavities, 90), "r", np.corrcoef(jaws, cavities)[0, 1],
+          "listening median", np.median(listening), "frames", len(talking), len(listening))
+    assert np.percentile(cavities, 90) > 2 * np.median(listening) + 0.004, (talking, listening)
+    assert np.corrcoef(jaws, cavities)[0, 1] > 0.5, talking
     # Lip sync as the page saw it: the level of the audio being played out (RTP audio level at playout)
     # against the jaw the face showed at the same instant (the pose picked by the audio's RTP time),
     # sampled at 100 Hz; the drawn frames, of which SwiftShader draws a few a second, agree with it. The

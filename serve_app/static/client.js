@@ -4,7 +4,7 @@
 import { PoseTimeline, SplatRenderer, fetchHead, parseHead } from "./avatar.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { events: [], audioLevels: [], mouth: [], mouthOpen: [], mouthProbe: [], pc: null, conversationId: null, apiKey: null,
+const state = { events: [], audioLevels: [], mouth: [], mouthOpen: [], mouthCavity: [], mouthProbe: [], pc: null, conversationId: null, apiKey: null,
                 token: null, ended: false, videoMode: null, head: null, fps: 0, sync: null, error: null };
 window.presence = state;
 const timeline = new PoseTimeline(13);
@@ -99,7 +99,12 @@ async function showClientAvatar(props) {
     renderer.pollReadback();
     if (pose) {
       renderer.draw(pose);
-      renderer.readRegion(...MOUTH_BOX, (px) => mouthChange(px));
+      const drawnAt = performance.now(), drawnJaw = pose.w[jaw];
+      renderer.readRegion(...MOUTH_BOX, (px) => {
+        mouthChange(px);
+        state.mouthCavity.push([drawnAt, drawnJaw, cavityFraction(px)]);
+        if (state.mouthCavity.length > 20000) state.mouthCavity.shift();
+      });
       state.sync = timeline.sync;
       state.mouthOpen.push([performance.now(), pose.w[jaw], pose.t]);
       if (state.mouthOpen.length > 20000) state.mouthOpen.shift();
@@ -127,6 +132,15 @@ function mouthChange(px) {
     if (state.mouth.length > 20000) state.mouth.shift();
   }
   previousMouth = px;
+}
+
+/** Fraction of the mouth region that is the open mouth's dark inside (no channel above 70 of 255): it
+ * grows with the jaw and, unlike the frame-to-frame change, barely moves when the whole head sways or
+ * nods, so it tells a talking mouth from a listening head. */
+function cavityFraction(px) {
+  let n = 0;
+  for (let i = 0; i < px.length; i += 4) if (px[i] < 70 && px[i + 1] < 70 && px[i + 2] < 70) n++;
+  return n / (px.length / 4);
 }
 
 function measureMouth(video) {
