@@ -58,6 +58,7 @@ export class PoseTimeline {
     this.clock = null; // {rtp_origin, rate}
     this.receiver = null; // the avatar audio's RTCRtpReceiver
     this.sync = "none";
+    this.late = false;
   }
   onMessage(data) {
     if (typeof data === "string") { this.clock = JSON.parse(data).clock; return; }
@@ -87,6 +88,8 @@ export class PoseTimeline {
     let t = this.playoutTime();
     this.sync = t === null ? "arrival" : "rtp";
     if (t === null) t = a[a.length - 1].t - 0.1;
+    // Late: the audio being played is past the newest pose received (the face holds it meanwhile).
+    this.late = t > a[a.length - 1].t + 0.04;
     if (t <= a[0].t) return a[0];
     if (t >= a[a.length - 1].t) return a[a.length - 1];
     let i = a.length - 1;

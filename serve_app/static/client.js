@@ -90,7 +90,8 @@ async function showClientAvatar(props) {
   setInterval(() => {
     const pose = timeline.current();
     const src = timeline.receiver ? timeline.receiver.getSynchronizationSources()[0] : null;
-    if (pose) state.mouthProbe.push([performance.now(), pose.w[jaw], src && src.audioLevel !== undefined ? src.audioLevel : -1]);
+    if (pose) state.mouthProbe.push([performance.now(), pose.w[jaw], src && src.audioLevel !== undefined ? src.audioLevel : -1,
+                                     timeline.late ? 1 : 0]);
     if (state.mouthProbe.length > 30000) state.mouthProbe.shift();
   }, 10);
   let last = performance.now(), frames = 0;
