@@ -208,6 +208,8 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
         row["stages_ms"] = props.get("ms_from_speech_end")
         if "passages" in props:  # what the knowledge base gave the reply (--documents)
             row["passages"] = props["passages"]
+        if "llm_prompt" in props:  # how much of the reply's prompt the LLM's cache held
+            row["llm_prompt"] = props["llm_prompt"]
         if "bargein_from" in row:
             quiet = silent_from(client.rx.audio, row["bargein_from"])
             row["bargein_ms"] = round((quiet - row.pop("bargein_from")) * 1000, 1) if quiet else None
@@ -261,7 +263,27 @@ def summarize(sessions: list[dict], cpu: dict[str, float], wall_s: float) -> dic
         "asr_word_perfect": sum(_words(r.get("heard") or "") == _words(r["text"]) for r in rows),
         "errors": [r["error"] for r in rows if "error" in r],
         **_passages_summary(rows),
+        **_prompt_summary(rows),
     }
+
+
+def _prompt_summary(rows: list[dict]) -> dict:
+    """The LLM's prompt per reply (where the backend reports it): tokens its cache held, tokens it
+    processed and the time that took, as p50 and by turn index (a cache that stops holding shows as
+    processed tokens growing with the turn)."""
+    given = [(r["turn"], r["llm_prompt"]) for r in rows if r.get("llm_prompt")]
+    if not given:
+        return {}
+    by_turn: dict[int, list[dict]] = {}
+    for turn, p in given:
+        by_turn.setdefault(turn, []).append(p)
+
+    def p50(ps: list[dict], key: str) -> float | None:
+        return pct([p[key] for p in ps if p.get(key) is not None], 50)
+
+    keys = ("cached", "processed", "ms")
+    return {"llm_prompt_p50": {k: p50([p for _, p in given], k) for k in keys} | {"n": len(given)},
+            "llm_prompt_by_turn_index": {str(t): {k: p50(ps, k) for k in keys} for t, ps in sorted(by_turn.items())}}
 
 
 def _passages_summary(rows: list[dict]) -> dict:

@@ -19,6 +19,7 @@ import httpx
 
 from models.assets import embedded_llm
 from models.http_body import capped_chunks
+from models.llm_stream import PromptStats, StreamEnd
 from models.tools import ToolCall, ToolRouter, as_text_format, new_call_id, read_out
 
 Message = dict  # an OpenAI chat message: role, content (and tool_calls / tool_call_id for tool turns)
@@ -31,21 +32,15 @@ class GenerationParams:
     top_p: float = 0.9
     repetition_penalty: float = 1.25
     stop: list[str] = field(default_factory=lambda: ["\nUser:", "<|im_end|>", "\n\n"])
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The last item of every backend's stream: why generation stopped ("stop", "length", ...). A
-    "length" end means the token budget cut the text: its unfinished sentence must not be spoken."""
-
-    finish_reason: str | None = None
+    report_prompt: bool = False  # yield a PromptStats before the first token, where the backend reports one
 
 
 class LLMBackend(Protocol):
     def stream(self, messages: list[Message], params: GenerationParams,
-               tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
-        """Text pieces, the native tool calls the model made (if any), then a StreamEnd. `tools`: OpenAI
-        function definitions the model may call."""
+               tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | PromptStats | StreamEnd]:
+        """Text pieces, the native tool calls the model made (if any), then a StreamEnd; with
+        `params.report_prompt`, a PromptStats before the first piece where the backend reports one.
+        `tools`: OpenAI function definitions the model may call."""
         ...
 
     async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
@@ -103,7 +98,7 @@ class OpenAICompatibleLLM:
         return as_text_format(messages, tools, teach=self.tool_mode == "text")
 
     async def stream(self, messages: list[Message], params: GenerationParams,
-                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
+                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | PromptStats | StreamEnd]:
         body = {
             "model": self.model, "messages": self.chat(messages, tools), "stream": True,
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
@@ -113,6 +108,7 @@ class OpenAICompatibleLLM:
             body["tools"] = tools
         calls: dict[int, dict] = {}  # streamed tool calls by index: id, name, argument pieces
         deadline = time.monotonic() + self.deadline_s
+        reported = False
         async with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body,
                                        headers=self._headers) as resp:
             if resp.status_code != 200:
@@ -122,9 +118,13 @@ class OpenAICompatibleLLM:
                 if data == "[DONE]":
                     break
                 try:
-                    choices = json.loads(data).get("choices") or []
+                    chunk = json.loads(data)
+                    choices = chunk.get("choices") or []
                 except (ValueError, AttributeError) as exc:
                     raise EndpointError("LLM endpoint sent a malformed stream") from exc
+                if params.report_prompt and not reported and isinstance(chunk.get("timings"), dict):
+                    reported = True
+                    yield prompt_stats(chunk["timings"])
                 if choices:
                     delta = choices[0].get("delta") or {}
                     finish = choices[0].get("finish_reason") or finish
@@ -148,6 +148,13 @@ class OpenAICompatibleLLM:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def prompt_stats(timings: dict) -> PromptStats:
+    """llama.cpp's `timings` object (its server sends one per chunk with `timings_per_token`)."""
+    ms = timings.get("prompt_ms")
+    return PromptStats(int(timings.get("cache_n") or 0), int(timings.get("prompt_n") or 0),
+                       None if ms is None else float(ms))
 
 
 def _add_call_delta(calls: dict[int, dict], tc: dict) -> None:
@@ -211,7 +218,7 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
     native_tools = False  # small embedded models: the text tool format (models.tools) in the system message
 
     async def stream(self, messages: list[Message], params: GenerationParams,
-                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | StreamEnd]:
+                     tools: list[dict] | None = None) -> AsyncIterator[str | ToolCall | PromptStats | StreamEnd]:
         last = messages[-1]["role"] if messages else None
         if last == "user" and (self.recall or (tools and self.tool_mode == "router")):
             # What the small-model helpers read: the user's own words and the persona's facts.
@@ -273,8 +280,10 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         return ToolCall(new_call_id(), fn["name"], text)
 
     def extra_body(self, params: GenerationParams) -> dict:
-        # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused).
-        return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True}
+        # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused);
+        # `timings_per_token` puts the prompt's timings (cache_n, prompt_n, prompt_ms) in the first chunk.
+        return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True,
+                **({"timings_per_token": True} if params.report_prompt else {})}
 
     async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
         """llama.cpp's own endpoints: the server's chat template renders the conversation with a
@@ -332,7 +341,7 @@ class VLLMEngine:
         return n
 
     async def stream(self, messages: list[Message], params: GenerationParams,
-                     tools: list[dict] | None = None) -> AsyncIterator[str | StreamEnd]:
+                     tools: list[dict] | None = None) -> AsyncIterator[str | PromptStats | StreamEnd]:
         from vllm import SamplingParams
 
         prompt = await self._prompt(messages, tools=tools)
@@ -341,7 +350,14 @@ class VLLMEngine:
                                   stop=params.stop)
         sent = 0
         finish = None
+        t0 = time.perf_counter()
         async for out in self._engine.generate(prompt, sampling, request_id=uuid.uuid4().hex):
+            if params.report_prompt and t0 is not None:
+                # vLLM reports the prefix-cache hit (RequestOutput.num_cached_tokens); the time is to the
+                # first output, which includes the first token.
+                cached = int(getattr(out, "num_cached_tokens", None) or 0)
+                yield PromptStats(cached, len(out.prompt_token_ids or []) - cached, (time.perf_counter() - t0) * 1000)
+                t0 = None
             text = out.outputs[0].text
             finish = out.outputs[0].finish_reason
             if len(text) > sent:

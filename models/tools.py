@@ -25,6 +25,8 @@ import numpy as np
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from models.llm_stream import PromptStats
+
 MAX_TOOL_ROUNDS = 3  # LLM -> tool -> LLM rounds in one reply
 
 
@@ -227,6 +229,9 @@ async def split_tool_calls(stream: AsyncIterator, names: set[str]) -> AsyncItera
         return parse_tool_text(text, names)
 
     async for item in stream:
+        if isinstance(item, PromptStats):  # comes before the text: nothing held yet
+            yield item
+            continue
         if isinstance(item, str):
             if state is False:
                 yield item

@@ -232,6 +232,7 @@ def test_embedded_llm_prefill_warms_the_prompt_cache():
     import asyncio
 
     from models.llm import EmbeddedLlamaCpp, GenerationParams, prefix_text, with_next_user
+    from models.llm_stream import PromptStats
 
     llm = EmbeddedLlamaCpp(n_parallel=1)
     prefix = build_messages("You are Maya, a receptionist.", "Open 8 am to 6 pm.\nParking behind the building.",
@@ -241,13 +242,17 @@ def test_embedded_llm_prefill_warms_the_prompt_cache():
         first = await llm.prefill(prefix)
         again = await llm.prefill(prefix)
         pieces = [p async for p in llm.stream(prefix + [{"role": "user", "content": "When do you open?"}],
-                                              GenerationParams(max_tokens=4))]
+                                              GenerationParams(max_tokens=4, report_prompt=True))]
         await llm.aclose()
         return first, again, pieces
 
     first, again, pieces = asyncio.run(run())
     assert first > 40 and again <= 2
     assert any(isinstance(p, str) and p.strip() for p in pieces)
+    # llama.cpp's own account of the reply's prompt (its first chunk's timings), before any text.
+    stats = pieces[0]
+    assert isinstance(stats, PromptStats) and not any(isinstance(p, PromptStats) for p in pieces[1:])
+    assert stats.cached >= first - 2 and 3 <= stats.processed <= 20 and stats.ms > 0
     rendered = "<|im_start|>user\n" + with_next_user([])[0]["content"] + "<|im_end|>"
     assert prefix_text(rendered) == "<|im_start|>user\n"
     with pytest.raises(ValueError):

@@ -47,6 +47,9 @@ def test_spoken_turn_end_to_end(idle, presence, api_key, question, webhook):
         timings = await client.wait_event("conversation.turn_timings", timeout=10)
         ms = timings["properties"]["ms_from_speech_end"]
         assert ms["vad_pause"] < ms["asr_final"] <= ms["first_audio_sent"]
+        # llama.cpp's account of the reply's prompt: the persona's prompt, and the new turn processed.
+        prompt = timings["properties"]["llm_prompt"]
+        assert prompt["processed"] >= 1 and prompt["cached"] + prompt["processed"] > 50, prompt
         first_audio = client.first_audio_after(speech_end)
         assert first_audio is not None  # the reply was audible at the client
         kinds = [e["event_type"] for e in client.events]

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.rtc_client import PresenceRTCClient, speech_pcm48k
 from models.llm import GenerationParams, OpenAICompatibleLLM, StreamEnd
+from models.llm_stream import PromptStats
 from models.tools import ToolCall, ToolRouter, as_text_format, parse_tool_text, read_out, split_tool_calls
 from serve_app.session.reply import TOOL_APOLOGY
 from tests.conftest import RECEIVER_HOST, WebhookReceiver
@@ -76,6 +77,11 @@ def test_text_that_is_not_a_call_is_spoken_unchanged():
     assert asyncio.run(run(['{"name": "book_flight", "arguments": {}}'])) == [StreamEnd("stop")]
     held = asyncio.run(run([" ", '{"name": "check_availability",', ' "arguments": {"day": "Monday"}}']))
     assert isinstance(held[0], ToolCall) and held[1] == StreamEnd("stop")
+    # The prompt's stats come through ahead of the text, and do not end a held call.
+    stats = PromptStats(cached=120, processed=9, ms=70.0)
+    assert asyncio.run(run([stats, "We open", " at nine."])) == [stats, "We open", " at nine.", StreamEnd("stop")]
+    held = asyncio.run(run([stats, '{"name": "check_availability",', ' "arguments": {"day": "Monday"}}']))
+    assert held[0] == stats and isinstance(held[1], ToolCall) and held[2] == StreamEnd("stop")
 
 
 def test_the_text_format_chat_keeps_its_prefix_and_reads_results():

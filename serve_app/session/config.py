@@ -64,8 +64,9 @@ class LLMSettings:
 def llm_settings(persona: PersonaIn) -> LLMSettings:
     llm = persona.layers.llm
     endpoint = {"base_url": str(llm.base_url), "api_key": llm.api_key, "model": llm.model} if llm.base_url else None
-    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature), llm.max_sentences,
-                       endpoint)
+    # report_prompt: each turn's timings say how much of the prompt the backend's cache held.
+    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature, report_prompt=True),
+                       llm.max_sentences, endpoint)
 
 
 def patience_s(persona: PersonaIn) -> float:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from models.avatar.animate import Animator, SpeechTrack
-from models.llm import ReplyShaper, StreamEnd
+from models.llm import ReplyShaper
+from models.llm_stream import PromptStats, StreamEnd
 from models.tools import MAX_TOOL_ROUNDS, ToolCall
 from models.wire import SpeechResult
 from serve_app.events import Event
@@ -94,6 +95,7 @@ class Reply:
         self.finished = asyncio.Event()
         self.llm_perception: str | None = None
         self.passages: TurnPassages | None = None  # what the knowledge base gave this reply (None: none asked)
+        self.prompt: PromptStats | None = None  # how the LLM read the reply's first prompt, where it says
         self.task: asyncio.Task | None = None
         self._user_logged = False
         self.guard = StageGuard(parts.health, self._on_outage)
@@ -212,6 +214,10 @@ class Reply:
                         break
                     shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
                     calls = []
+                    self.prompt = None
+                    continue
+                if isinstance(piece, PromptStats):
+                    self.prompt = self.prompt or piece  # the turn's prompt; a tool round's comes after it
                     continue
                 if isinstance(piece, ToolCall):
                     self.mark("llm_first_token")
@@ -313,6 +319,8 @@ class Reply:
         if self.timings is not None and self.first_audio:
             extra = ({"passages": {"count": self.passages.count, "prefilled": self.passages.prefilled}}
                      if self.passages is not None else {})
+            if self.prompt is not None:
+                extra["llm_prompt"] = self.prompt.as_dict()
             self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms(),
                             **extra)
 
