@@ -121,7 +121,7 @@ class Models:
         self.passages: list[str] = []  # what it finds
         self.prefill_s = 0.0  # how long a prefill with a lead takes (the CPU reads ~7 ms a token)
         self.prefill_caches = True  # False: a backend with no cache to warm (prefill returns None)
-        self.knowledge = FakeHandle(search=self._search)
+        self.knowledge = FakeHandle(search=self._search, prepare=self._prepare_knowledge)
         self.tts = FakeHandle(synthesize=self._synthesize)
         self.outages = {"asr": Outage(), "llm": Outage(), "tts": Outage()}
         self.health = StageHealth(lost=(Died,), is_down=self._is_down)
@@ -153,6 +153,9 @@ class Models:
         await asyncio.sleep(0.02)
         self.searches.append(text)
         return [Passage(document_ids[0], p, 0.8) for p in self.passages[:k]]
+
+    async def _prepare_knowledge(self, document_ids) -> None:
+        await asyncio.sleep(0.01)
 
     async def _prefill(self, messages, endpoint=None, tools=None, lead="") -> int | None:
         self.prefill_leads.append(lead)

@@ -766,3 +766,41 @@ def test_the_avatar_watches_where_the_perceived_face_is():
 
     seen, gone = asyncio.run(run())
     assert np.allclose(seen, [(20 + 100) / 320 - 1, (40 + 140) / 240 - 1]) and gone is None
+
+
+def test_the_camera_note_opens_the_user_message_and_is_prefilled_as_they_speak():
+    """What the camera sees of the user opens their message and enters the prompt cache as they begin to
+    speak (the reply then reads only the words and what their voice told, which follows the words); the
+    utterance event keeps the whole description; after the reply the next turn's note is not assumed."""
+    from models.perception.fusion import PerceptionState
+
+    models = Models(reply="I'm sorry to hear that.", clause_s=0.3)
+
+    async def run():
+        s = make_session(models)
+        s.perceiver.in_llm = True
+        s.perceiver.update = lambda: None  # the state below stands for what the camera and voice gave
+        s.perceiver.state = PerceptionState(
+            t=0.0, visible=True, emotion="sadness", confidence=0.8, valence=-0.6, arousal=0.3, attention=1.0,
+            eyes_closed=False, incongruent=False, visual="The user looks sad.",
+            description="The user looks sad. They spoke slowly and quietly.", notable=True)
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 0.5)
+        note = "(Seen on camera: The user looks sad.)\n\n"
+        await asyncio.wait_for(_until(lambda: note in models.prefill_leads), 2)
+        assert not models.prompts  # prefilled while the user was still speaking
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        assert models.prompts[0][-1] == {"role": "user", "content": note + "What time do you open?"
+                                         "\n\n(Heard: They spoke slowly and quietly.)"}
+        assert models.prompts[0][:-1] == models.prefills[0]  # the reply's prompt starts with what was prefilled
+        replica = [e for e in events(s) if e["event_type"] == Event.UTTERANCE and e["properties"]["role"] == "replica"]
+        assert replica[0]["properties"]["llm_perception"] == "The user looks sad. They spoke slowly and quietly."
+        await asyncio.wait_for(_until(lambda: models.prefill_leads == [note, ""] and len(models.prefills) == 2), 2)
+        assert user_words(models.prompts[0][-1]["content"]) == "What time do you open?"
+        player.cancel()
+        await s.close()
+
+    from models.llm import user_words
+
+    asyncio.run(run())

@@ -54,6 +54,16 @@ class TurnKnowledge:
         self._used = True  # a reply took this utterance's passages (the next utterance needs its own)
         self._warming: asyncio.Task | None = None
 
+    def prepare(self) -> None:
+        """At the session's start: the documents' index is loaded before the first turn needs it."""
+        self.tasks.spawn(self._prepare())
+
+    async def _prepare(self) -> None:
+        try:
+            await self.knowledge.prepare.remote(self.document_ids)
+        except Exception as exc:  # a dead Knowledge replica: the first lookup will say so again
+            log.info("knowledge prepare skipped: %s", type(exc).__name__)
+
     def new_utterance(self) -> None:
         self._utterance += 1
         self.cached, self._found, self._used = [], [], False
