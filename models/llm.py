@@ -561,25 +561,15 @@ def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> 
     return f"{system}\n\nFacts:\n{facts}\n\n{GROUNDING_RULES}"
 
 
-_CAMERA_OPEN, _CAMERA_CLOSE = "(Seen on camera: ", ")\n\n"
-_HEARD_NOTE = "\n\n(Heard: "
+_CAMERA_NOTE = "\n\n(Seen on camera: "
 _PASSAGES_OPEN, _PASSAGES_CLOSE = "(From the documents:\n", ")\n\n"  # passages are one line each
 
 
-def camera_note(perception: str | None) -> str:
-    """How what the user looks like opens their message ("" for nothing to say): first, before the
-    passages and the words, so that it is in the prompt cache (prefilled as the user begins to speak)
-    before they have finished, and the question is the last thing the model reads."""
-    return f"{_CAMERA_OPEN}{perception}{_CAMERA_CLOSE}" if perception else ""
-
-
 def user_words(content: str) -> str:
-    """The user's own words in a user message built by `build_messages` (no camera note, no passages)."""
-    if content.startswith(_CAMERA_OPEN):
-        content = content.split(_CAMERA_CLOSE, 1)[-1]
+    """The user's own words in a user message built by `build_messages` (no passages, no camera note)."""
     if content.startswith(_PASSAGES_OPEN):
         content = content.split(_PASSAGES_CLOSE, 1)[-1]
-    return content.split(_HEARD_NOTE, 1)[0]
+    return content.split(_CAMERA_NOTE, 1)[0]
 
 
 def system_facts(system: str) -> list[str]:
@@ -602,19 +592,17 @@ def knowledge_block(passages: list[str], closed: bool = True) -> str:
 
 
 def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
-                   max_history: int | None = None, grounded: bool = True, knowledge: str = "",
-                   heard: str | None = None) -> list[Message]:
+                   max_history: int | None = None, grounded: bool = True, knowledge: str = "") -> list[Message]:
     """The chat the LLM sees: persona + conversational context as grounded facts, then the given turns
     (callers choose the window with `context_start`; `max_history` only bounds it).
 
     The prompt has a stable prefix and a volatile tail: what changes every turn (`perception`, what
-    the user looks like; `knowledge`, the turn's passages) opens the last user message, after the
-    history, never the system message, so the server's prompt cache keeps everything before it. The
-    message reads camera note, passages, words, and what the voice and words told (`heard`, known only
-    once the user has finished): all before the words can be prefilled while the user speaks."""
+    the user looks like now) is appended to the last user message, after the history, never to the
+    system message, so the server's prompt cache keeps everything before it."""
     turns = history if max_history is None else history[-max_history:]
     messages = [{"role": "system", "content": grounded_system(system_prompt, context, grounded)}, *turns]
-    if (knowledge or perception or heard) and messages[-1]["role"] == "user":
-        tail = f"{_HEARD_NOTE}{heard})" if heard else ""
-        messages[-1] = {"role": "user", "content": camera_note(perception) + knowledge + messages[-1]["content"] + tail}
+    if knowledge and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": knowledge + messages[-1]["content"]}
+    if perception and messages[-1]["role"] == "user":
+        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}{_CAMERA_NOTE}{perception})"}
     return messages

@@ -39,14 +39,12 @@ class LLMContext:
     def add_assistant(self, text: str) -> None:
         self.history.append({"role": "assistant", "content": text})
 
-    def messages(self, user_text: str, perception: str | None = None, knowledge: str = "",
-                 heard: str | None = None) -> list[Message]:
+    def messages(self, user_text: str, perception: str | None = None, knowledge: str = "") -> list[Message]:
         """The chat for a reply to `user_text` (not yet in the history: it enters once the turn is
-        confirmed, as this chat's last message). `perception`: what the camera sees of the user, and
-        `knowledge`: the turn's retrieved passages (models.llm.knowledge_block), at the start of that
-        message; `heard`: what their voice and words told, after it."""
+        confirmed, as this chat's last message). `knowledge`: the turn's retrieved passages
+        (models.llm.knowledge_block), at the start of that message."""
         return build_messages(self.system_prompt, self._context(), self._window() + [{"role": "user", "content": user_text}],
-                              perception=perception, grounded=self.grounded, knowledge=knowledge, heard=heard)
+                              perception=perception, grounded=self.grounded, knowledge=knowledge)
 
     def said(self) -> list[str]:
         """What the avatar has said in the conversation (replies do not end on a sentence said before)."""

@@ -152,17 +152,6 @@ class Perceiver:
             self._snapshot_at = now
             self.emit(Event.PERCEPTION_SNAPSHOT, **self.log.summary())
 
-    def llm_note(self) -> tuple[str | None, str | None]:
-        """`llm_description` in its two parts: what the camera sees (it opens the user's message and is
-        prefilled as they begin to speak) and what their voice and words add (known once they finish:
-        it follows their words). (None, None) when there is nothing to tell."""
-        described = self.llm_description()
-        if described is None:
-            return None, None
-        seen = self.state.visual
-        heard = described[len(seen):].strip() if described.startswith(seen) else described
-        return seen, heard or None
-
     def llm_description(self) -> str | None:
         """What the LLM is told about the user for a reply (persona: layers.perception.llm_context):
         nothing while they look and sound as anyone does (calm, attentive, an even voice). Every word

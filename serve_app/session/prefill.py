@@ -4,8 +4,7 @@ On a CPU, processing the prompt is most of the time to first token (~10 ms a tok
 thread, ~25 ms for a 0.5B model): a reply that had to read the whole persona, the facts and the history
 would wait seconds. So whenever the conversation's prefix changes (the session starts, a reply ends,
 the client changes the context), the session asks the LLM to process that prefix now, while the user
-is still listening or speaking; as the user begins to speak, what the camera sees of them (the start of
-their message) follows. The reply then reads only the user's words.
+is still listening or speaking; the reply then reads only the user's new message.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ class PromptPrefill:
         self.tokens: list[int] = []  # tokens processed per prefill (what the replies did not have to)
         self._task: asyncio.Task | None = None
         self._again = False
-        self.note = ""  # the camera note that opens the next user message (models.llm.camera_note), if known
-        self.lead = ""  # what follows it (the knowledge block), cached with the prefix
+        self.lead = ""  # how the next user message starts (its knowledge block), cached with the prefix
         self.cached_lead: str | None = None  # the lead of the last prefill that completed (None: one is running)
         self.warms: bool | None = None  # the backend keeps a cache this warms (None: no prefill answered yet)
 
@@ -47,12 +45,6 @@ class PromptPrefill:
             self._again = True
             return
         self._task = self.tasks.spawn(self._run())
-
-    def set_note(self, note: str) -> None:
-        """The next user message opens with `note` ("" for none): prefilled now if it changed."""
-        if note != self.note:
-            self.note = note
-            self.request()
 
     async def warm(self, lead: str) -> bool:
         """Prefill with `lead` and wait for it: True when the cache then holds the prefix and `lead`
@@ -68,10 +60,10 @@ class PromptPrefill:
             self._again = False
             # Read when the call is made, not when asked: a reply that just ended records what was
             # heard right after telling the session it finished.
-            messages, lead, note = self.context.prefix(), self.lead, self.note
+            messages, lead = self.context.prefix(), self.lead
             self.cached_lead = None
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, note + lead)
+                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, lead)
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return

@@ -68,7 +68,7 @@ class ReplyParts:
     context: LLMContext
     emit: Callable[..., None]
     tasks: Tasks
-    perception_note: Callable[[], tuple[str | None, str | None]]  # what the LLM is told of the user: seen, heard
+    perception_text: Callable[[], str | None]  # what the LLM is told about the user now, if anything
     on_finished: Callable[[Reply], None]
     health: StageHealth  # tells a dead stage from a slow one
     holding: Callable[[], SpeechResult | None]  # the holding phrase's audio, if synthesised yet
@@ -168,13 +168,12 @@ class Reply:
         await self.finished.wait()
 
     async def _clauses_from_llm(self, out: asyncio.Queue) -> None:
-        seen, heard = self.parts.perception_note()
-        self.llm_perception = " ".join(x for x in (seen, heard) if x) or None
+        self.llm_perception = self.parts.perception_text()
         if self.parts.retrieve is not None:
             self.passages = await self.parts.retrieve(self.user_text)
             self.mark("retrieval")
-        messages = self.parts.context.messages(self.user_text, seen, self.passages.block if self.passages else "",
-                                               heard)
+        messages = self.parts.context.messages(self.user_text, self.llm_perception,
+                                               self.passages.block if self.passages else "")
         tools = self.parts.tools
         try:
             for round_ in range(MAX_TOOL_ROUNDS + 1):

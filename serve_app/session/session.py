@@ -19,7 +19,6 @@ import numpy as np
 
 from models.avatar.animate import Animator
 from models.avatar.render import AvatarRenderer
-from models.llm import camera_note
 from models.memory import remembered_name
 from serve_app.events import Event, ShutdownReason, event
 from serve_app.media import AvatarAudioTrack, AvatarVideoTrack, MediaClock, Segment, SpeechPlayout
@@ -38,8 +37,6 @@ from serve_app.session.tasks import Tasks
 from serve_app.session.tools import ToolRunner
 from serve_app.session.transport import Transport
 
-_NOW = object()  # a reply to no spoken turn: the LLM is told what the camera sees now
-
 
 class Session:
     """`renderer` None: client video mode (spec.video_mode "client"), where the browser draws the face
@@ -57,7 +54,6 @@ class Session:
         self.turns = 0
         self.reply: Reply | None = None
         self._reply_seq = 0
-        self._turn_seen: Any = _NOW  # what the camera saw as the user began this turn (str or None)
         # Outgoing media on one clock: speech playout and the avatar's face.
         self.clock = MediaClock()
         self.playout = SpeechPlayout(self.clock, on_segment_start=self._on_segment_start, on_idle=self._on_playout_idle)
@@ -90,18 +86,11 @@ class Session:
                           if handles.knowledge is not None and spec.document_ids else None)
         self.reply_parts = ReplyParts(handles.llm, handles.tts, settings, persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
-                                      self._reply_perception, self._reply_finished, handles.health,
+                                      self.perceiver.llm_description, self._reply_finished, handles.health,
                                       self.holding.get, self.tools, self.knowledge.for_turn if self.knowledge else None)
         self.control = Control(self, self.context, self.tell_client, spec.grants, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
         self.poses = PoseStream(self.face, self.clock, self.audio_out, self.transport) if renderer is None else None
-
-    def _reply_perception(self) -> tuple[str | None, str | None]:
-        """What a reply's LLM is told about the user (seen, heard): the camera's part as it was when they
-        began the turn (in the prompt cache by now, with the passages prefilled after it: a note that
-        appeared since would put both out of the cache); for a reply to no spoken turn, as it is now."""
-        seen, heard = self.perceiver.llm_note()
-        return (seen, heard) if self._turn_seen is _NOW else (self._turn_seen, heard)
 
     def emit(self, event_type: Event, **props: Any) -> None:
         ev = event(self.cid, event_type, **props)
@@ -212,10 +201,6 @@ class Session:
     def on_user_started(self) -> None:
         if self.knowledge is not None:
             self.knowledge.new_utterance()
-        # What the camera sees of the user as they begin their turn opens their message: prefilled while
-        # they speak (~30 tokens: 0.6-1.6 s of prompt on this box's busy CPU, measured per turn).
-        self._turn_seen = self.perceiver.llm_note()[0]
-        self.prefill.set_note(camera_note(self._turn_seen))
         self.emit(Event.USER_STARTED)
 
     def on_partial(self, text: str) -> None:
@@ -296,9 +281,6 @@ class Session:
     def _reply_finished(self, reply: Reply) -> None:
         if self.reply is reply:
             self.reply = None
-        if not self.listener.segmenter.speaking:  # (a barge-in's utterance keeps the note it began with)
-            self._turn_seen = _NOW
-            self.prefill.note = ""  # the next turn's is not known yet
         # What was heard joins the cached prefix while the user answers (with their next passages, if known).
         self.prefill.request(lead=self.knowledge.pending_lead() if self.knowledge is not None else None)
 
