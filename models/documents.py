@@ -176,3 +176,44 @@ def _split_long(paragraph: str, max_words: int) -> list[str]:
     if cur:
         out.append(" ".join(cur))
     return out
+
+
+_STOPWORDS = frozenset(
+    "a an the is are was were be been do does did i you we they he she it to of in on at for and or my your "
+    "our me us what when where who how which can could would should will there this that with from by as if "
+    "so not no any about".split())
+
+
+def _content_words(text: str) -> set[str]:
+    """Lower-case words without stop words, plural/verb 's' dropped ("costs" matches "cost")."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in _STOPWORDS}
+
+
+def excerpt(passage: str, query: str, max_words: int) -> str:
+    """The sentences of `passage` that share most words with `query`, in their order, within
+    `max_words` (the best one is kept even if longer; others only if they share a word), under the
+    passage's heading. A passage
+    within the budget is returned whole. For a reply that reads a passage itself: every word is prompt
+    processed before its first token."""
+    if len(passage.split()) <= max_words:
+        return passage
+    head, sep, body = passage.partition(": ")
+    if not sep or re.search(r"[.!?]", head):
+        head, body = "", passage
+    sentences = re.split(r"(?<=[.!?])\s+", body.strip())
+    asked = _content_words(query)
+    shared = [len(_content_words(x) & asked) for x in sentences]
+    ranked = sorted(range(len(sentences)), key=lambda i: (-shared[i], i))
+    budget = max_words - len(head.split())
+    keep: list[int] = []
+    used = 0
+    for i in ranked:
+        n = len(sentences[i].split())
+        if keep and (used + n > budget or not shared[i]):
+            continue
+        keep.append(i)
+        used += n
+    text = " ".join(sentences[i] for i in sorted(keep))
+    return f"{head}: {text}" if head else text
+

@@ -150,6 +150,8 @@ class KnowledgeLayer(BaseModel):
     # Passages a reply reads itself when none were prefilled while the user spoke (an utterance too
     # short for the interim lookup): each adds its tokens to the time to first token on a CPU.
     late_passages: int = Field(1, ge=0, le=8)
+    # ... and each of those is cut to its sentences that share most words with the user's (~1.4 tokens a word).
+    late_words: int = Field(24, ge=8, le=200)
 
 
 class PersonaIn(BaseModel):

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.knowledge_docs import FAQ, MANUAL, PRICES, documents, pdf_bytes
 from benchmarks.rtc_client import PresenceRTCClient
-from models.documents import DocumentError, chunk_text, extract_text, kind_of
+from models.documents import DocumentError, chunk_text, excerpt, extract_text, kind_of
 from models.memory import extract_stated_facts
 from tests.conftest import RECEIVER_HOST
 from tests.scripted_llm import ScriptedOpenAIServer
@@ -54,6 +54,20 @@ def test_documents_of_each_kind_become_chunks_with_their_headings():
             extract_text(bad, kind)
     with pytest.raises(DocumentError):
         kind_of("application/octet-stream", "tool.exe", b"MZ")
+
+
+def test_a_late_passage_is_cut_to_the_sentences_the_user_asked_about():
+    passage = ("Riverside Dental patient handbook > Emergencies: For a knocked-out tooth, keep it in milk and come in "
+               "within one hour. Outside opening hours, call the emergency line 555 0199.")
+    assert excerpt(passage, "What number do I call outside opening hours?", 16) == (
+        "Riverside Dental patient handbook > Emergencies: Outside opening hours, call the emergency line 555 0199.")
+    assert excerpt(passage, "I knocked out a tooth, what now?", 20).endswith(": For a knocked-out tooth, keep it in "
+                                                                               "milk and come in within one hour.")
+    assert excerpt(passage, "anything", 40) == passage  # within the budget: whole
+    # No heading: the best sentence, then others that share a word, in the passage's order, within the budget.
+    text = "Filling costs 140 dollars. Whitening costs 350 dollars. Parking is free."
+    assert excerpt(text, "what does whitening cost", 7) == "Whitening costs 350 dollars."
+    assert excerpt(text, "what do filling and parking cost", 7) == "Filling costs 140 dollars. Parking is free."
 
 
 def test_stated_facts_are_extracted_and_nothing_is_invented():

@@ -5,7 +5,8 @@ Reading passages is prompt processing, ~7 ms a token for the CPU default LLM (a 
 are looked up from the words so far, once, a second into the utterance (`Listener` interim
 transcript), and prefilled one passage at a time, best first, while the user is still speaking; the
 reply reads the ones that made it. A reply with none prefilled (an utterance too short for the interim
-lookup) looks them up from the final words and reads `late_passages` of them itself. A backend whose
+lookup) looks them up from the final words and reads `late_passages` of them itself, each cut to its
+`late_words` most relevant words (`models.documents.excerpt`). A backend whose
 cache the session does not warm (a remote endpoint: prefill returns None) gets every passage for the
 final words, which find them best.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from models.documents import excerpt
 from models.llm import knowledge_block
 from serve_app.schemas import KnowledgeLayer
 from serve_app.session.prefill import PromptPrefill
@@ -115,7 +117,7 @@ class TurnKnowledge:
         except TimeoutError:
             return TurnPassages()
         if self.prefill.warms is not False:
-            passages = passages[: self.layer.late_passages]
+            passages = [excerpt(p, user_text, self.layer.late_words) for p in passages[: self.layer.late_passages]]
         return TurnPassages(knowledge_block(passages), len(passages))
 
     async def _lookup(self, text: str) -> list[str]:
