@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+from models.llm import split_sentences
+
 CONTENT_TYPES = {"text/plain": "txt", "text/markdown": "md", "text/x-markdown": "md", "application/pdf": "pdf",
                  "text/html": "html", "application/xhtml+xml": "html"}
 SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".pdf": "pdf", ".html": "html", ".htm": "html"}
@@ -193,15 +195,14 @@ def _content_words(text: str) -> set[str]:
 def excerpt(passage: str, query: str, max_words: int) -> str:
     """The sentences of `passage` that share most words with `query`, in their order, within
     `max_words` (the best one is kept even if longer; others only if they share a word), under the
-    passage's heading. A passage
-    within the budget is returned whole. For a reply that reads a passage itself: every word is prompt
-    processed before its first token."""
+    passage's heading. A passage within the budget is returned whole. For a reply that reads a passage
+    itself: every word is prompt processed before its first token."""
     if len(passage.split()) <= max_words:
         return passage
     head, sep, body = passage.partition(": ")
     if not sep or re.search(r"[.!?]", head):
         head, body = "", passage
-    sentences = re.split(r"(?<=[.!?])\s+", body.strip())
+    sentences = split_sentences(body.strip())
     asked = _content_words(query)
     shared = [len(_content_words(x) & asked) for x in sentences]
     ranked = sorted(range(len(sentences)), key=lambda i: (-shared[i], i))
@@ -216,4 +217,3 @@ def excerpt(passage: str, query: str, max_words: int) -> str:
         used += n
     text = " ".join(sentences[i] for i in sorted(keep))
     return f"{head}: {text}" if head else text
-
