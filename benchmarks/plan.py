@@ -63,11 +63,25 @@ GPU_STAGES = [
     Stage("TTS", 30, 120, 4, 0.05, 1),
 ]
 GPU_FIXED_MS = {"vad_endpoint": 60.0, "network_and_jitter_buffer": 80.0, "first_frame": 40.0}
-# A SessionHost at 1/8 GPU holds 5 sessions: 5 x 25 fps x ~1.0 ms per gsplat frame (50k Gaussians,
-# 512x512, ESTIMATED) = 0.125 GPU-seconds per second; x264 encoding of 125 frames/s at 512x512 fits
-# its 2 CPUs (~3 ms a frame on one core, measured here at 256x256 and scaled).
-GPU_HOST = {"sessions_per_host": 5, "gpu": 0.125, "cpus": 2, "fps": 25, "render_ms_per_frame": 1.0,
+# A SessionHost at 1/8 GPU holds 5 sessions at 25 fps, rendering its sessions in one batched gsplat call
+# per frame (50k Gaussians, 512x512). Measured on an H200 (benchmarks/results/render_gpu.json, the batch of 4
+# row, frames copied to the host): ~0.7 ms per session-frame, so 5 x 25 x 0.7 ms = 0.09 GPU-seconds per
+# second; x264 encoding of 125 frames/s at 512x512 fits its 2 CPUs (~3 ms a frame on one core, measured
+# here at 256x256 and scaled). Without the file, the earlier estimate of 1.0 ms stands.
+def gpu_host() -> dict:
+    host = {"sessions_per_host": 5, "gpu": 0.125, "cpus": 2, "fps": 25, "render_ms_per_frame": 1.0,
             "source": "estimated"}
+    path = RESULTS / "render_gpu.json"
+    if path.exists():
+        rows = [r for r in json.loads(path.read_text())["rows"]
+                if (r["width"], r["height"], r["sessions"]) == (512, 512, 4) and r["gaussians"] > 40000]
+        if rows:
+            host.update(render_ms_per_frame=round(rows[0]["render_ms_per_session"], 3),
+                        source="render: measured (H200, render_gpu.json); encode: estimated")
+    return host
+
+
+GPU_HOST = gpu_host()
 
 
 def cpu_stages_from_results() -> tuple[list[Stage], dict, dict]:

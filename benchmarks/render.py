@@ -8,9 +8,11 @@ pixels at 512^2 (models/avatar/face_metrics.py): the mouth interior (dark cavity
 viseme shows, the eye left visible at full blink, and the emotion the project's face perception
 reads on the rendered avatar.
 The CPU rasteriser is measured with one thread, as in the CPU profile; where CUDA is present,
-gsplat is measured too, with 1, 4 and 16 sessions per batched rasterization() call.
+gsplat is measured with `--gpu-only` (1 to 128 sessions per batched rasterization() call, at 256^2,
+512^2 and 720p) into benchmarks/results/render_gpu.json, which render.json then carries as "gpu".
 
     python benchmarks/render.py [--quick]
+    python benchmarks/render.py --gpu-only [--out F]     # on a CUDA machine
 """
 
 from __future__ import annotations
@@ -24,13 +26,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.audio import resample  # noqa: E402
 from models.avatar.animate import EMOTIONS, VISEMES, Animator, SpeechTrack  # noqa: E402
 from models.avatar.face_metrics import EYE, MOUTH_INTERIOR, PartCoverage, emotion_readback  # noqa: E402
 from models.avatar.head import build_head  # noqa: E402
@@ -39,7 +39,9 @@ from models.avatar.render import CPUAvatarRenderer, Pose  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def encoder(codec: str, w: int, h: int) -> av.CodecContext:
+def encoder(codec: str, w: int, h: int):
+    import av
+
     ctx = av.CodecContext.create("libvpx" if codec == "vp8" else "libx264", "w")
     ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
     ctx.time_base = fractions.Fraction(1, 30)
@@ -53,6 +55,8 @@ def encoder(codec: str, w: int, h: int) -> av.CodecContext:
 
 def time_session(head, w: int, h: int, frames: int) -> dict:
     """Render a talking sequence (jaw and visemes changing every frame) and encode it."""
+    import av
+
     r = CPUAvatarRenderer(head, w, h)
     r.render(Pose())
     render_ms, enc_ms = [], {"vp8": [], "h264": []}
@@ -74,22 +78,98 @@ def time_session(head, w: int, h: int, frames: int) -> dict:
 
 def time_gsplat(head, w: int, h: int, sessions: int, frames: int) -> dict:
     """gsplat on CUDA: `sessions` heads rendered per rasterization() call (models/avatar/render_gsplat.py).
-    render_ms is per call (all sessions' frames), synchronised with the GPU."""
+    Per call, synchronised with the GPU: raster_ms (posing + rasterisation, frames on the device),
+    render_ms (render_batch: the frames as host arrays, as SessionHost needs them for the CPU encoders;
+    an H200 has no video encoder) and copy_pageable_ms (the same frames by a plain `.cpu()`, for comparison)."""
     import torch
 
     from models.avatar.render_gsplat import GsplatBatchRenderer
 
     r = GsplatBatchRenderer({"stock": head}, w, h, device="cuda")
-    r.render_batch([("stock", Pose())] * sessions)  # JIT-compiles gsplat's kernels
-    times = []
+    r.render_batch([("stock", Pose())] * sessions)  # JIT-compiles gsplat's kernels, allocates the staging buffer
+    raster, full, pageable = [], [], []
     for i in range(frames):
         poses = [("stock", Pose().set(jaw_open=0.5 + 0.5 * np.sin(i / 2.0 + s))) for s in range(sessions)]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        r.render_batch(poses)  # includes the copy of the frames back to the host, as a session needs
+        dev_frames = r.render_batch_device(poses)
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"render_ms": float(np.median(times)), "render_ms_per_session": float(np.median(times)) / sessions}
+        raster.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        dev_frames.cpu().numpy()
+        pageable.append((time.perf_counter() - t0) * 1000)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r.render_batch(poses)
+        full.append((time.perf_counter() - t0) * 1000)
+    med = lambda v: float(np.median(v))  # noqa: E731
+    return {"render_ms": med(full), "render_ms_per_session": med(full) / sessions, "raster_ms": med(raster),
+            "copy_pageable_ms": med(pageable)}
+
+
+def gsplat_vs_cpu(png: Path, size: int = 512) -> dict:
+    """The same poses through gsplat and the CPU rasteriser: PSNR between them, and a side-by-side PNG
+    (top gsplat, bottom CPU). They differ where the CPU renderer culls back-facing surfels."""
+    from PIL import Image
+
+    from models.avatar.render_gsplat import GsplatBatchRenderer
+
+    head = build_head(20000)
+    poses = [Pose(), Pose(yaw=0.3).set(jaw_open=0.8, smile=0.4), Pose().set(blink_l=1.0, blink_r=1.0)]
+    gpu = GsplatBatchRenderer({"stock": head}, size, size, device="cuda").render_batch([("stock", p) for p in poses])
+    cpu = [CPUAvatarRenderer(head, size, size).render(p) for p in poses]
+    def psnr(a: np.ndarray, b: np.ndarray) -> float:
+        mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+        return round(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)), 2)
+
+    Image.fromarray(np.concatenate([np.concatenate(gpu, 1), np.concatenate(cpu, 1)], 0)).save(png)
+    return {"size": size, "psnr_db": [psnr(a, b) for a, b in zip(gpu, cpu, strict=True)],
+            "poses": ["rest", "turned, jaw open, smile", "blink"], "image": png.name}
+
+
+GPU_SESSIONS = (1, 4, 16, 32, 64, 128)
+FRAME_BUDGET_MS = 1000.0 / 30
+
+
+def gpu_rows(out: Path, frames: int = 40) -> dict:
+    """gsplat's batched rows, and for each size and head the most sessions one GPU renders at 30 fps
+    (the largest batch measured whose call fits in 33.3 ms; frames copied back to the host included)."""
+    import torch
+
+    report = {"benchmark": "render-gpu", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "frame_budget_ms": round(FRAME_BUDGET_MS, 1), "rows": [], "max_sessions_at_30fps": {},
+              "matches_cpu": gsplat_vs_cpu(out.with_suffix(".png"))}
+    out.write_text(json.dumps(report, indent=2))
+    for g in (20000, 50000):
+        head = build_head(g)
+        for w, h in [(256, 256), (512, 512), (1280, 720)]:
+            for b in GPU_SESSIONS:
+                torch.cuda.reset_peak_memory_stats()
+                res = time_gsplat(head, w, h, b, frames)
+                row = {"backend": "gsplat-cuda", "width": w, "height": h, "gaussians": len(head), "sessions": b,
+                       **{k: round(v, 3) for k, v in res.items()},
+                       "peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+                report["rows"].append(row)
+                print(row, flush=True)
+                out.write_text(json.dumps(report, indent=2))
+    report.update(max_sessions(report["rows"]))
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def max_sessions(rows: list[dict]) -> dict:
+    """Per size and head: the largest batch measured whose call fits a 30 fps frame, with the frames
+    copied to the host (what server mode needs) and on the device only (the rasteriser's own limit)."""
+    def most(key: str) -> dict:
+        best: dict[str, int] = {}
+        for r in rows:
+            k = f"{r['width']}x{r['height']}/{r['gaussians']}"
+            best.setdefault(k, 0)
+            if r[key] <= FRAME_BUDGET_MS:
+                best[k] = max(best[k], r["sessions"])
+        return best
+
+    return {"max_sessions_at_30fps": most("render_ms"), "max_sessions_at_30fps_raster_only": most("raster_ms")}
 
 
 def cuda_available() -> bool:
@@ -108,6 +188,7 @@ def lipsync_offset_ms(fps: int = 60) -> float:
     each frame is rendered and the mouth opening is measured from pixels (change of the mouth box
     from the closed mouth). Positive means the mouth moves after the sound.
     """
+    from models.audio import resample
     from models.tts import PiperTTS
 
     speech = PiperTTS().synthesize("Hello! Many people enjoy walking along the ocean at dawn, and so do I.")
@@ -194,9 +275,14 @@ def contact_sheet(path: Path, size: int = 192) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer frames and sizes (a smoke run)")
+    ap.add_argument("--gpu-only", action="store_true", help="only gsplat's batched rows (needs CUDA)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "render_gpu.json", help="with --gpu-only")
     ap.add_argument("--face-only", action="store_true",
                     help="re-measure the face (rig and expressions) and keep render.json's timed rows")
     a = ap.parse_args()
+    if a.gpu_only:
+        gpu_rows(a.out)
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     frames = 10 if a.quick else 40
     sizes = [(256, 256)] if a.quick else [(256, 256), (384, 384), (512, 512), (1280, 720)]
@@ -208,15 +294,6 @@ def main() -> None:
             rows.append({"backend": "cpu-numba-1thread", "width": w, "height": h, "gaussians": len(head),
                          "sessions": 1, **{k: round(v, 2) for k, v in res.items()}})
             print(rows[-1], flush=True)
-    if cuda_available() and not a.face_only:  # the gpu profile's backend, batched as SessionHost batches sessions
-        for g in [20000, 50000]:
-            head = build_head(g)
-            for w, h in [(256, 256), (512, 512), (1280, 720)]:
-                for b in (1, 4, 16):
-                    res = time_gsplat(head, w, h, b, frames)
-                    rows.append({"backend": "gsplat-cuda", "width": w, "height": h, "gaussians": len(head),
-                                 "sessions": b, **{k: round(v, 3) for k, v in res.items()}})
-                    print(rows[-1], flush=True)
     offset = lipsync_offset_ms()
     contact_sheet(RESULTS / "expressions.png")
     face = face_report()
@@ -226,8 +303,9 @@ def main() -> None:
               for r in rows if r["backend"].startswith("cpu") and r["gaussians"] < 30000 and r["width"] in (384, 512)}
     out = {"benchmark": "render", "rows": rows, "lipsync_offset_ms": offset, "face": face,
            "server_mode_cpu": {**server, "what": "render + VP8 encode per frame, one thread, the stock head"},
-           "notes": ("" if cuda_available() else "CPU rasteriser only: no GPU on this machine. ")
-                    + "encode_ms = VP8 realtime incl. RGB->YUV; "
+           "gpu": json.loads(gpu_file.read_text()) if (gpu_file := RESULTS / "render_gpu.json").exists() else None,
+           "notes": "rows: the CPU rasteriser; gpu: gsplat's batched rows (render.py --gpu-only on a CUDA machine). "
+                    "encode_ms = VP8 realtime incl. RGB->YUV; "
                     "encode_ms_h264 = x264 ultrafast/zerolatency incl. RGB->YUV. Medians."}
     (RESULTS / "render.json").write_text(json.dumps(out, indent=2))
     print("lipsync_offset_ms", offset)

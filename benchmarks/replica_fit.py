@@ -17,6 +17,9 @@ Reports, in `benchmarks/results/replica_fit.json`:
 replica speaking with the head turned.
 
     python -m benchmarks.replica_fit
+    python -m benchmarks.replica_fit --compare-gsplat [--out F]   # on a CUDA machine: the fit through
+        gsplat's differentiable rasteriser beside the CPU reference fit, same photo, same machine
+        (benchmarks/results/replica_fit_gpu.json)
 """
 
 from __future__ import annotations
@@ -88,6 +91,53 @@ def video_views(size: int = 128) -> dict:
     return out
 
 
+def warm_gsplat() -> None:
+    """Loads gsplat's kernels and the CUDA context once, so the timed fits don't pay for it."""
+    import torch
+
+    from models.avatar.camera import portrait_camera
+    from models.avatar.fit import _gsplat_render
+
+    cam = portrait_camera(64, 64)
+    means = torch.tensor([[0.0, 0.0, 0.0]], device="cuda", requires_grad=True)
+    img = _gsplat_render(means, torch.eye(3, device="cuda")[None] * 1e-4, torch.ones((1, 3), device="cuda"),
+                         torch.ones(1, device="cuda"), cam)
+    img.sum().backward()
+    torch.cuda.synchronize()
+
+
+def compare_gsplat(out: Path, sizes: tuple[int, ...] = (256, 512)) -> dict:
+    """The Grace Hopper photo fit at each size through both rasterisers: wall time of the whole fit and of
+    its differentiable phases, and the held-back face PSNR each reaches (the quality must match)."""
+    import torch
+
+    from models.avatar.fit import fit_head
+    from models.avatar.head import build_head
+    from models.perception.face import FaceAnalyzer
+
+    analyzer = FaceAnalyzer()
+    photo = grace_hopper()
+    warm_gsplat()
+    report = {"photo": "matplotlib sample_data/grace_hopper.jpg", "gpu": torch.cuda.get_device_name(0),
+              "cpu_threads": 1, "fits": []}
+    for size in sizes:
+        for rasteriser in ("gsplat", "gsplat", "reference"):  # gsplat twice: the first fit loads CUDA's kernels lazily
+            if rasteriser == "reference" and size > 256:
+                continue  # the per-pixel lists grow with pixels x K: minutes on one thread, as the CPU profile never runs it
+            t0 = time.perf_counter()
+            r = fit_head(build_head(20000), [photo], size=size, analyzer=analyzer, rasteriser=rasteriser)
+            first = rasteriser == "gsplat" and not any(f["size"] == size and f["rasteriser"] == "gsplat"
+                                                        for f in report["fits"])
+            row = {"size": size, "rasteriser": rasteriser, "first_on_the_gpu": first, "fit_s": round(time.perf_counter() - t0, 2),
+                   "optimise_s": round(r.optimise_s, 2), "gaussians": len(r.head),
+                   "psnr_face_after": round(r.psnr_face_after, 2), "psnr_head_after": round(r.psnr_after, 2),
+                   "landmark_error_after": round(r.landmark_error_after, 4)}
+            report["fits"].append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     from PIL import Image
 
@@ -140,4 +190,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compare-gsplat", action="store_true", help="gsplat (CUDA) vs the CPU reference fit")
+    ap.add_argument("--out", type=Path, default=OUT / "replica_fit_gpu.json")
+    args = ap.parse_args()
+    compare_gsplat(args.out) if args.compare_gsplat else main()

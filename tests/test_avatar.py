@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.avatar import raster_torch
 from models.avatar.animate import Animator, SpeechTrack, lip_weights, viseme_of
@@ -213,6 +214,26 @@ def test_gsplat_batch_posing_matches_the_cpu_path():
     visible = radii[1, 0].numpy().max(axis=1) > 0
     assert np.allclose(means2d[1, 0].numpy()[visible], ours[visible], atol=1e-3)
     assert torch.is_tensor(kw["means"]) and kw["width"] == 128
+
+
+def test_gpu_paths_reject_an_unknown_rasteriser_and_hand_each_session_its_own_frame():
+    """The replica fit and its Serve deployment refuse a rasteriser they do not have (a config typo is
+    an error at deploy time, not a silent CPU fit); the batch renderer's host frames are one array per
+    session."""
+    import torch
+
+    from deployments.replica_trainer import ReplicaTrainer
+    from models.avatar.fit import fit_head
+    from models.avatar.render_gsplat import GsplatBatchRenderer
+
+    photo = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="rasteriser"):
+        fit_head(build_head(2000), [photo], size=64, rasteriser="opengl")
+    with pytest.raises(ValueError, match="rasteriser"):
+        ReplicaTrainer.func_or_class(rasteriser="cuda")
+    gpu = GsplatBatchRenderer({"stock": build_head(2000)}, 8, 8, device="cpu")
+    frames = gpu.to_host(torch.arange(2 * 8 * 8 * 3, dtype=torch.uint8).reshape(2, 8, 8, 3))
+    assert len(frames) == 2 and frames[0].shape == (8, 8, 3) and frames[1][0, 0, 0] == 192
 
 
 def test_frame_batcher_batches_sessions_and_keeps_frames_apart():

@@ -20,6 +20,7 @@ Held-back data: every 4th frame of a video; for a single photo, a checkerboard o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,6 +117,8 @@ class FitResult:
     shaped: bool = False  # the head returned was reshaped to the face mesh (a face was found, the fit kept)
     holdout: str = ""  # what was held back
     view_yaws: list[float] = field(default_factory=list)  # each frame's head turn as fitted (radians; 0: frontal)
+    optimise_s: float = 0.0  # the differentiable-rendering phases (offsets, colours), wall time
+    rasteriser: str = "reference"
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -339,9 +342,24 @@ def visibility(head: Head, cam, pixels: np.ndarray, pose: Pose | None = None) ->
     return probe.grad[:, 0].numpy()
 
 
+def _gsplat_render(means, covs, colors, opacities, cam):
+    """One differentiable view through gsplat's CUDA rasteriser: (H, W, 3), gradients to means and colours."""
+    import torch
+    from gsplat import rasterization
+
+    dev = means.device
+    img, _, _ = rasterization(
+        means=means, quats=None, scales=None, covars=covs, opacities=opacities, colors=colors,
+        viewmats=torch.as_tensor(cam.viewmat, dtype=torch.float32, device=dev)[None],
+        Ks=torch.as_tensor(cam.K, dtype=torch.float32, device=dev)[None], width=cam.width, height=cam.height,
+        backgrounds=torch.tensor(BACKGROUND, dtype=torch.float32, device=dev)[None],
+        packed=False, rasterize_mode="classic", eps2d=0.3)
+    return img[0]
+
+
 def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps: int = 60, offset_steps: int = 30,
              max_offset: float = 0.003, holdout_block: int = 1, detail: bool | None = None, analyzer=None,
-             views: bool = True) -> FitResult:
+             views: bool = True, rasteriser: str = "reference") -> FitResult:
     """Fit `head` to the face in `frames` (RGB uint8): reshape it to the face mesh, give the face finer
     Gaussians (`detail`; by default when `size` >= 192, where pixels are finer than the stock head's
     Gaussians: at coarser sizes split Gaussians would only alias), colour it from the frames (projected,
@@ -353,7 +371,11 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
 
     The default checkerboard is of single pixels: with larger blocks the held-back number measures
     inpainting, not the replica (on matplotlib's Grace Hopper at 192^2, the best image-space
-    interpolation of held-back 8x8 blocks scores 19 dB inside the face, of single pixels 26 dB)."""
+    interpolation of held-back 8x8 blocks scores 19 dB inside the face, of single pixels 26 dB).
+
+    `rasteriser`: "reference" differentiates the plain-torch renderer over per-pixel lists on the CPU
+    (the CPU profile); "gsplat" differentiates gsplat's CUDA `rasterization()` (the gpu profile; needs
+    CUDA). Everything else (alignment, shaping, evaluation) is the same code."""
     import cv2
     import torch
 
@@ -362,7 +384,10 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
     from models.avatar.shape import shape_to_landmarks
     from models.perception.face import FaceAnalyzer
 
+    if rasteriser not in ("reference", "gsplat"):
+        raise ValueError(f"unknown rasteriser {rasteriser!r}: 'reference' or 'gsplat'")
     torch.set_num_threads(1)
+    dev = torch.device("cuda" if rasteriser == "gsplat" else "cpu")
     analyzer = analyzer or FaceAnalyzer()
     cam = portrait_camera(size, size)
 
@@ -411,30 +436,35 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
         board = ((yy // holdout_block + xx // holdout_block) % 2 == 0)
         train_idx, train_masks = [0], [mask & board]
         held_views = [(crops[0], mask & ~board, face, poses[0])]
-    targets = [torch.from_numpy(crops[i]) for i in train_idx]
-    tmask = [torch.from_numpy(m) for m in train_masks]
+    targets = [torch.from_numpy(crops[i]).to(dev) for i in train_idx]
+    tmask = [torch.from_numpy(m).to(dev) for m in train_masks]
 
     s = head.splats
     covs = covariances(s.quats, s.scales).astype(np.float32)
-    base = torch.from_numpy(s.means.astype(np.float32))
-    opac = torch.from_numpy(s.opacities.astype(np.float32))
+    base = torch.from_numpy(s.means.astype(np.float32)).to(dev)
+    opac = torch.from_numpy(s.opacities.astype(np.float32)).to(dev)
     posed_head = PosedHead(head)
-    hw = torch.from_numpy(head.head_weight.astype(np.float32))[:, None]
-    pivot = torch.from_numpy(PIVOT.astype(np.float32))
+    hw = torch.from_numpy(head.head_weight.astype(np.float32))[:, None].to(dev)
+    pivot = torch.from_numpy(PIVOT.astype(np.float32)).to(dev)
     # Per training view: the head's rotation (None: frontal) and the covariances turned with it.
-    turns = [None if poses[i].yaw == 0.0 else torch.from_numpy(euler_to_matrix(poses[i].yaw, 0.0, 0.0)) for i in train_idx]
-    view_covs = [torch.from_numpy(covs if poses[i].yaw == 0.0 else posed_head(poses[i])[1].astype(np.float32))
+    turns = [None if poses[i].yaw == 0.0 else torch.from_numpy(euler_to_matrix(poses[i].yaw, 0.0, 0.0)).to(dev)
+             for i in train_idx]
+    view_covs = [torch.from_numpy(covs if poses[i].yaw == 0.0 else posed_head(poses[i])[1].astype(np.float32)).to(dev)
                  for i in train_idx]
 
     def turn(means: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
         """The means as the head's turn moves them (each Gaussian by its head weight), as PosedHead does."""
         return means if R is None else means + hw * ((means - pivot) @ R.T + pivot - means)
 
-    def lists(means: torch.Tensor, k: int) -> torch.Tensor:
+    def lists(means: torch.Tensor, k: int) -> torch.Tensor | None:
+        if rasteriser == "gsplat":  # gsplat sorts and tiles every call itself
+            return None
         m = turn(means, turns[k]).detach().numpy()
         return torch.from_numpy(contributors(m, view_covs[k].numpy(), s.opacities, cam).reshape(size * size, -1)).long()
 
-    def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor | None, k: int) -> torch.Tensor:
+        if rasteriser == "gsplat":
+            return _gsplat_render(turn(means, turns[k]), view_covs[k], colors, opac, cam)
         means2d, conics, _, _ = raster_torch.project(turn(means, turns[k]), view_covs[k], cam)
         return raster_torch.composite(means2d, conics, colors, opac, ids, size, size, BACKGROUND)
 
@@ -460,14 +490,15 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
         count[use] += 1
         seen |= shown
     init[count > 0] = total[count > 0] / count[count > 0, None]
-    logit = torch.logit(torch.from_numpy(np.clip(init, 0.02, 0.98).astype(np.float32)))
+    logit = torch.logit(torch.from_numpy(np.clip(init, 0.02, 0.98).astype(np.float32))).to(dev)
     logit.requires_grad_(True)
     offset = torch.zeros_like(base, requires_grad=True)
     # Offsets move surface parts across the image only: a frontal view says nothing of depth, and an
     # eye, lid or mouth part moved on its own would show through the lids in a blink or the lips at rest.
-    movable = torch.from_numpy(np.isin(s.labels, [PART_ID[p] for p in MOVABLE_PARTS]).astype(np.float32))
-    step_mask = movable[:, None] * torch.tensor([1.0, 1.0, 0.0])
+    movable = torch.from_numpy(np.isin(s.labels, [PART_ID[p] for p in MOVABLE_PARTS]).astype(np.float32)).to(dev)
+    step_mask = movable[:, None] * torch.tensor([1.0, 1.0, 0.0], device=dev)
     # Offsets first (against the projected colours), then the colours at the final positions.
+    t_opt = time.perf_counter()
     for phase, steps, params, lr in (("offset", offset_steps, [offset], 3e-4), ("colour", color_steps, [logit], 0.08)):
         ids = [lists(base + offset, k) for k in range(len(train_idx))]
         opt = torch.optim.Adam(params, lr=lr)
@@ -485,9 +516,10 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
             if phase == "offset":
                 with torch.no_grad():
                     offset.clamp_(-max_offset, max_offset)
-    colors = torch.sigmoid(logit).detach().numpy().astype(np.float32)
+    colors = torch.sigmoid(logit).detach().cpu().numpy().astype(np.float32)  # (waits for the device)
+    optimise_s = time.perf_counter() - t_opt
     colors = _carry_colours(s.means, stock_colors, colors, seen, s.labels)
-    means = (base + offset).detach().numpy().astype(np.float32)
+    means = (base + offset).detach().cpu().numpy().astype(np.float32)
     fitted = Head(Splats(means, s.quats.copy(), s.scales.copy(), s.opacities.copy(), colors, s.labels.copy()),
                   head.deltas.copy(), head.head_weight.copy())
     after, face_after = evaluate(fitted)
@@ -500,4 +532,4 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
                else f"checkerboard of {holdout_block}px blocks at {size}px")
     return FitResult(fitted, before, after, len(train_idx), len(held_views), [a.score for a in aligned],
                      face_before, face_after, lm_before, lm_after, shaped, holdout,
-                     [round(p.yaw, 3) for p in poses])
+                     [round(p.yaw, 3) for p in poses], optimise_s, rasteriser)

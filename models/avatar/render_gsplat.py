@@ -30,6 +30,7 @@ class GsplatBatchRenderer:
         self.device = torch.device(device)
         self.width, self.height = width, height
         self._lock = threading.Lock()  # add_head (event loop) vs render_batch (batcher thread)
+        self._staging: dict[tuple[int, ...], object] = {}  # pinned host buffers by batch shape
         self._stack(heads)
         self.pivot = torch.from_numpy(PIVOT.astype(np.float32)).to(self.device)
         cam = portrait_camera(width, height)
@@ -97,11 +98,30 @@ class GsplatBatchRenderer:
             packed=False, rasterize_mode="classic", eps2d=0.3,
         )
 
-    def render_batch(self, requests: Sequence[tuple[str, Pose]]) -> list[np.ndarray]:
+    def render_batch_device(self, requests: Sequence[tuple[str, Pose]]):
+        """The frames as one uint8 tensor [B, H, W, 3] on the device (no copy to the host)."""
         from gsplat import rasterization  # CUDA kernels, compiled by gsplat on first use
 
         torch = self.torch
         with torch.no_grad(), self._lock:
             colors, _, _ = rasterization(**self.rasterization_inputs(requests))  # [B, 1, H, W, 3]
-            frames = (colors[:, 0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-        return list(frames)
+            return (colors[:, 0].clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+    def render_batch(self, requests: Sequence[tuple[str, Pose]]) -> list[np.ndarray]:
+        """The frames on the host, each its own array (sessions encode them after the next batch ran)."""
+        return self.to_host(self.render_batch_device(requests))
+
+    def to_host(self, frames) -> list[np.ndarray]:
+        """Device frames -> host arrays through a reused pinned buffer: a fresh pageable tensor per batch
+        copied ~4x slower on an H200 up to ~50 MB a batch (benchmarks/results/render_gpu.json,
+        copy_pageable_ms)."""
+        torch = self.torch
+        if frames.device.type != "cuda":
+            return list(frames.numpy())
+        shape = tuple(frames.shape)
+        staging = self._staging.get(shape)
+        if staging is None:
+            staging = self._staging[shape] = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        staging.copy_(frames)
+        host = staging.numpy()
+        return [host[i].copy() for i in range(shape[0])]
