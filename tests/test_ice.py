@@ -37,11 +37,13 @@ def answer_consent(conn: aioice.ice.Connection, delay_s: float | None) -> None:
 
 
 async def alive_after(conn: aioice.ice.Connection, seconds: float) -> bool:
-    closed = asyncio.ensure_future(conn.get_event())
-    done, _ = await asyncio.wait({closed}, timeout=seconds)
-    if not done:
-        closed.cancel()
-    return not done
+    """Whether `conn` is still open `seconds` from now (it closes itself when consent expires)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if conn._closing or conn._closed:
+            return False
+        await asyncio.sleep(0.05)
+    return not (conn._closing or conn._closed)
 
 
 @pytest.fixture
@@ -64,15 +66,20 @@ def test_late_consent_answers_keep_the_connection(short_consent):
     assert asyncio.run(run())
 
 
-def test_unanswered_consent_closes_the_connection(short_consent):
-    async def run() -> tuple[bool, bool]:
+def test_unanswered_consent_closes_the_connection(short_consent, caplog):
+    async def run() -> tuple[bool, bool, ice.ConsentStats]:
         a, b = await connected_pair()
         try:
             answer_consent(b, delay_s=None)  # the peer is gone
             early = await alive_after(a, 1.0)
-            return early, await alive_after(a, 6.0)
+            return early, await alive_after(a, 6.0), ice.consent_stats(a)
         finally:
             await asyncio.gather(a.close(), b.close())
 
-    early, late = asyncio.run(run())
+    with caplog.at_level("WARNING", logger="presence.ice"):
+        early, late, stats = asyncio.run(run())
     assert early and not late  # kept within the expiry, closed after it
+    # The expiry says where the checks were lost: ours went unanswered, the peer's still reached us.
+    assert stats.sent >= 1 and not stats.refused
+    assert stats.received >= 1 and not stats.we_refused
+    assert "ICE consent expired" in caplog.text and "the peer's requests: " in caplog.text
