@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.clinic import PERSONA  # noqa: E402
 from benchmarks.clinic import QUESTIONS as CLINIC_QUESTIONS  # noqa: E402
-from benchmarks.turn_latency import face_photo  # noqa: E402
+from benchmarks.turn_latency import face_photo, first_reply_audio  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUESTIONS = [q.text for q in CLINIC_QUESTIONS if q.kind == "fact"][:12]  # what patients ask the clinic
@@ -102,20 +102,28 @@ async def one_session(url: str, key: str, users: Users, turns: int, offset_s: fl
         t_start, frames_start = time.monotonic(), delivered(client)
         for i in range(turns):
             text = QUESTIONS[(i + int(offset_s * 10)) % len(QUESTIONS)]
-            since = len(client.events)
             end = await client.say(clips[text])
             try:
-                await client.wait_event("conversation.utterance", timeout=90, since=since, role="replica")
+                # The reply to this turn starts after the user's utterance is recorded; audio before it is
+                # the previous reply still playing out (on a loaded box it lags), not this turn's answer.
+                user = await client.wait_event_after("conversation.utterance", end - 0.5, timeout=90, role="user")
+                speaking = await client.wait_event_after("conversation.replica.started_speaking",
+                                                         max(end, user["received_at"]), timeout=90)
+                # (the event may trail the audio by a little)
+                first = await first_reply_audio(client, max(end, speaking["received_at"] - 0.15), timeout=10)
+                await client.wait_event_after("conversation.utterance", speaking["received_at"], timeout=90, role="replica")
             except TimeoutError as exc:
                 rows.append({"question": text, "error": str(exc)})
                 continue
-            first = client.first_audio_after(end)
-            rows.append({"question": text, "latency_ms": round((first - end) * 1000, 1) if first else None})
+            rows.append({"question": text, "latency_ms": round((first - end) * 1000, 1)})
             await asyncio.sleep(1.0)
         elapsed = time.monotonic() - t_start
         fps = (delivered(client) - frames_start) / elapsed if elapsed > 0 else 0.0
+        # How much of each reply's prompt the LLM's cache held (sessions share the LLM's slots).
+        prompts = [e["properties"].get("llm_prompt") for e in client.events
+                   if e["event_type"] == "conversation.turn_timings"]
         await client.end()
-        return {"turns": rows, "fps": fps, "error": None}
+        return {"turns": rows, "fps": fps, "error": None, "llm_prompts": prompts}
     except Exception as exc:  # a refused or failed session is a result, not a crash of the benchmark
         return {"turns": rows, "fps": 0.0, "error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -184,6 +192,8 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
         "rss_mb": round(all_rss, 1), "session_host_rss_mb": round(host_rss, 1),
         "rss_mb_per_session": round(host_rss / sessions, 1) if sessions else None,
         "wall_s": round(wall, 1), "errors": [r["error"] for r in results if r["error"]],
+        "latencies_by_session_ms": [[t.get("latency_ms") for t in r["turns"]] for r in results],
+        "llm_prompts": [p for r in results for p in r.get("llm_prompts", []) if p],
         "hung_sessions_events": [r["events_seen"] for r in results if "events_seen" in r],
     }
 
@@ -279,6 +289,8 @@ def main() -> None:
     ap.add_argument("--slo-ms", type=float, default=2500.0)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--modes", default="client,server", help="video modes to measure, in order")
+    ap.add_argument("--llm-slots", type=int, default=None,
+                    help="the embedded LLM's slots (n_parallel; default: the CPU profile's)")
     a = ap.parse_args()
     steps = [int(x) for x in a.steps.split(",")]
     out = Path(a.out)
@@ -293,7 +305,12 @@ def main() -> None:
                                         "look_back_period_s": 5, "upscale_delay_s": 1, "downscale_delay_s": 5,
                                         "policy": {"policy_function": "autoscaling.policy:SessionHostPolicy",
                                                    "policy_kwargs": {"target_sessions_per_replica": 1}}}}
-    url = start_local_app(key, "sqlite:////tmp/presence-capacity.db", max_sessions=n, deployments={"SessionHost": host_auto})
+    llm = None
+    if a.llm_slots is not None:
+        llm = cpu_profile_args()["llm"]
+        llm["backend_args"] = {**llm.get("backend_args", {}), "n_parallel": a.llm_slots}
+    url = start_local_app(key, "sqlite:////tmp/presence-capacity.db", max_sessions=n, deployments={"SessionHost": host_auto},
+                          llm=llm)
     import httpx
 
     from serve_app.session.pose_stream import POSE_HZ

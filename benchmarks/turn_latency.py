@@ -188,7 +188,7 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
             speaking = await client.wait_event_after("conversation.replica.started_speaking",
                                                      max(end, user["received_at"]), timeout=45)
             # Give the data channel 150 ms: the event may trail the audio.
-            first = await _first_audio(client, max(end, speaking["received_at"] - 0.15), timeout=10)
+            first = await first_reply_audio(client, max(end, speaking["received_at"] - 0.15), timeout=10)
             row["latency_ms"] = round((first - end) * 1000, 1)
             if turn.barge_in:
                 await asyncio.sleep(0.6)  # the reply is playing: the next question talks over it
@@ -218,7 +218,7 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
     return {"turns": rows}
 
 
-async def _first_audio(client, t: float, timeout: float) -> float:
+async def first_reply_audio(client, t: float, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         first = client.first_audio_after(t, SILENT_RMS)
