@@ -112,18 +112,15 @@ def gsplat_vs_cpu(png: Path, size: int = 512) -> dict:
     (top gsplat, bottom CPU). They differ where the CPU renderer culls back-facing surfels."""
     from PIL import Image
 
+    from models.avatar.fit import psnr
     from models.avatar.render_gsplat import GsplatBatchRenderer
 
     head = build_head(20000)
     poses = [Pose(), Pose(yaw=0.3).set(jaw_open=0.8, smile=0.4), Pose().set(blink_l=1.0, blink_r=1.0)]
     gpu = GsplatBatchRenderer({"stock": head}, size, size, device="cuda").render_batch([("stock", p) for p in poses])
     cpu = [CPUAvatarRenderer(head, size, size).render(p) for p in poses]
-    def psnr(a: np.ndarray, b: np.ndarray) -> float:
-        mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
-        return round(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)), 2)
-
     Image.fromarray(np.concatenate([np.concatenate(gpu, 1), np.concatenate(cpu, 1)], 0)).save(png)
-    return {"size": size, "psnr_db": [psnr(a, b) for a, b in zip(gpu, cpu, strict=True)],
+    return {"size": size, "psnr_db": [round(psnr(a / 255.0, b / 255.0), 2) for a, b in zip(gpu, cpu, strict=True)],
             "poses": ["rest", "turned, jaw open, smile", "blink"], "image": png.name}
 
 
@@ -170,15 +167,6 @@ def max_sessions(rows: list[dict]) -> dict:
         return best
 
     return {"max_sessions_at_30fps": most("render_ms"), "max_sessions_at_30fps_raster_only": most("raster_ms")}
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def lipsync_offset_ms(fps: int = 60) -> float:

@@ -118,7 +118,6 @@ class FitResult:
     holdout: str = ""  # what was held back
     view_yaws: list[float] = field(default_factory=list)  # each frame's head turn as fitted (radians; 0: frontal)
     optimise_s: float = 0.0  # the differentiable-rendering phases (offsets, colours), wall time
-    rasteriser: str = "reference"
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -342,21 +341,6 @@ def visibility(head: Head, cam, pixels: np.ndarray, pose: Pose | None = None) ->
     return probe.grad[:, 0].numpy()
 
 
-def _gsplat_render(means, covs, colors, opacities, cam):
-    """One differentiable view through gsplat's CUDA rasteriser: (H, W, 3), gradients to means and colours."""
-    import torch
-    from gsplat import rasterization
-
-    dev = means.device
-    img, _, _ = rasterization(
-        means=means, quats=None, scales=None, covars=covs, opacities=opacities, colors=colors,
-        viewmats=torch.as_tensor(cam.viewmat, dtype=torch.float32, device=dev)[None],
-        Ks=torch.as_tensor(cam.K, dtype=torch.float32, device=dev)[None], width=cam.width, height=cam.height,
-        backgrounds=torch.tensor(BACKGROUND, dtype=torch.float32, device=dev)[None],
-        packed=False, rasterize_mode="classic", eps2d=0.3)
-    return img[0]
-
-
 def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps: int = 60, offset_steps: int = 30,
              max_offset: float = 0.003, holdout_block: int = 1, detail: bool | None = None, analyzer=None,
              views: bool = True, rasteriser: str = "reference") -> FitResult:
@@ -388,6 +372,8 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
         raise ValueError(f"unknown rasteriser {rasteriser!r}: 'reference' or 'gsplat'")
     torch.set_num_threads(1)
     dev = torch.device("cuda" if rasteriser == "gsplat" else "cpu")
+    if rasteriser == "gsplat":
+        from models.avatar.render_gsplat import rasterize_view
     analyzer = analyzer or FaceAnalyzer()
     cam = portrait_camera(size, size)
 
@@ -464,7 +450,7 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
 
     def render(means: torch.Tensor, colors: torch.Tensor, ids: torch.Tensor | None, k: int) -> torch.Tensor:
         if rasteriser == "gsplat":
-            return _gsplat_render(turn(means, turns[k]), view_covs[k], colors, opac, cam)
+            return rasterize_view(turn(means, turns[k]), view_covs[k], colors, opac, cam)
         means2d, conics, _, _ = raster_torch.project(turn(means, turns[k]), view_covs[k], cam)
         return raster_torch.composite(means2d, conics, colors, opac, ids, size, size, BACKGROUND)
 
@@ -532,4 +518,4 @@ def fit_head(head: Head, frames: list[np.ndarray], size: int = 256, color_steps:
                else f"checkerboard of {holdout_block}px blocks at {size}px")
     return FitResult(fitted, before, after, len(train_idx), len(held_views), [a.score for a in aligned],
                      face_before, face_after, lm_before, lm_after, shaped, holdout,
-                     [round(p.yaw, 3) for p in poses], optimise_s, rasteriser)
+                     [round(p.yaw, 3) for p in poses], optimise_s)

@@ -17,7 +17,26 @@ import numpy as np
 from models.avatar.camera import portrait_camera
 from models.avatar.gaussians import covariances
 from models.avatar.head import CHANNELS, PIVOT, Head
+from models.avatar.raster_cpu import EPS2D
 from models.avatar.render import BACKGROUND, Pose, euler_to_matrix
+
+# The CPU rasteriser's maths in gsplat's terms (classic 3DGS, its 0.3 px low-pass), dense outputs.
+RASTER_OPTIONS = {"packed": False, "rasterize_mode": "classic", "eps2d": EPS2D}
+
+
+def rasterize_view(means, covs, colors, opacities, cam):
+    """One view of one scene through gsplat's CUDA rasteriser, differentiable (the replica fit):
+    (H, W, 3) with gradients to means and colours."""
+    import torch
+    from gsplat import rasterization
+
+    dev = means.device
+    img, _, _ = rasterization(
+        means=means, quats=None, scales=None, covars=covs, opacities=opacities, colors=colors,
+        viewmats=torch.as_tensor(cam.viewmat, dtype=torch.float32, device=dev)[None],
+        Ks=torch.as_tensor(cam.K, dtype=torch.float32, device=dev)[None], width=cam.width, height=cam.height,
+        backgrounds=torch.tensor(BACKGROUND, dtype=torch.float32, device=dev)[None], **RASTER_OPTIONS)
+    return img[0]
 
 
 class GsplatBatchRenderer:
@@ -95,7 +114,7 @@ class GsplatBatchRenderer:
             opacities=self.opacities[idx], colors=self.colors[idx],
             viewmats=self.viewmat.expand(b, 1, 4, 4).contiguous(), Ks=self.K.expand(b, 1, 3, 3).contiguous(),
             width=self.width, height=self.height, backgrounds=self.background.expand(b, 1, 3).contiguous(),
-            packed=False, rasterize_mode="classic", eps2d=0.3,
+            **RASTER_OPTIONS,
         )
 
     def render_batch_device(self, requests: Sequence[tuple[str, Pose]]):
