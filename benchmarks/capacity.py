@@ -120,10 +120,11 @@ async def one_session(url: str, key: str, users: Users, turns: int, offset_s: fl
         elapsed = time.monotonic() - t_start
         fps = (delivered(client) - frames_start) / elapsed if elapsed > 0 else 0.0
         # How much of each reply's prompt the LLM's cache held (sessions share the LLM's slots).
-        prompts = [e["properties"].get("llm_prompt") for e in client.events
-                   if e["event_type"] == "conversation.turn_timings"]
+        timings = [e["properties"] for e in client.events if e["event_type"] == "conversation.turn_timings"]
+        prompts = [t.get("llm_prompt") for t in timings]
         await client.end()
-        return {"turns": rows, "fps": fps, "error": None, "llm_prompts": prompts}
+        return {"turns": rows, "fps": fps, "error": None, "llm_prompts": prompts,
+                "stage_ms": [t.get("ms_from_speech_end") for t in timings]}
     except Exception as exc:  # a refused or failed session is a result, not a crash of the benchmark
         return {"turns": rows, "fps": 0.0, "error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -194,6 +195,8 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
         "wall_s": round(wall, 1), "errors": [r["error"] for r in results if r["error"]],
         "latencies_by_session_ms": [[t.get("latency_ms") for t in r["turns"]] for r in results],
         "llm_prompts": [p for r in results for p in r.get("llm_prompts", []) if p],
+        # Where each turn's time went, per session (ms after the user's speech ended, as the server saw it).
+        "stage_ms_by_session": [r.get("stage_ms", []) for r in results],
         "hung_sessions_events": [r["events_seen"] for r in results if "events_seen" in r],
     }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.avatar import raster_torch
-from models.avatar.animate import Animator, SpeechTrack, lip_weights, viseme_of
+from models.avatar.animate import LIP_LEAD_S, Animator, SpeechTrack, lip_weights, viseme_of
 from models.avatar.camera import Camera, look_at, portrait_camera
 from models.avatar.gaussians import covariances, quat_from_normal
 from models.avatar.head import CHANNELS, MOUTH_Y, PART_ID, PARTS, build_head
@@ -98,9 +98,15 @@ def test_lip_sync_follows_phonemes():
     press = CHANNELS.index("lip_press")
     assert lip_weights(track, 1.2, lead_s=0.0)[jaw] > 0.5  # the vowel opens the jaw
     assert lip_weights(track, 1.05, lead_s=0.0)[press] > 0.5  # /m/ closes the lips
-    # By default the mouth leads the sound: the shape of t + 50 ms shows at t.
-    assert np.allclose(lip_weights(track, 1.15), lip_weights(track, 1.2, lead_s=0.0))
+    # By default the mouth leads the sound: the shape of t + LIP_LEAD_S shows at t.
+    assert np.allclose(lip_weights(track, 1.2 - LIP_LEAD_S), lip_weights(track, 1.2, lead_s=0.0))
     assert not lip_weights(track, 3.0).any()  # silence long after
+    # A stress mark is the start of its vowel (piper times it as a token of its own), a length mark its
+    # end: the jaw is open across both.
+    stressed = SpeechTrack(t0=0.0, phonemes=[("m", 0.0, 0.1), ("ˈ", 0.1, 0.2), ("ɑ", 0.2, 0.3), ("ː", 0.3, 0.4),
+                                             ("m", 0.4, 0.5)], duration=0.5)
+    assert stressed.visemes == ["PP", "aa", "aa", "aa", "PP"]
+    assert all(lip_weights(stressed, t, lead_s=0.0)[jaw] > 0.5 for t in (0.15, 0.25, 0.35))
 
 
 def test_animator_blinks_and_stays_restrained():

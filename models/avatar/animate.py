@@ -56,6 +56,25 @@ def _viseme_vector(name: str) -> np.ndarray:
 
 _VIS_VEC = {name: _viseme_vector(name) for name in VISEMES}
 
+# espeak's stress marks are tokens of their own in piper's alignment, and the voice spends real time on
+# them: the start of the stressed vowel (up to ~120 ms). The length mark is the vowel held on. Shown as
+# silence, they had closed the mouth during the loudest parts of words (in-page lip sync +30 to +120 ms).
+_STRESS_MARKS = "ˈˌ"
+_LENGTH_MARKS = "ːˑ"
+
+
+def track_visemes(phonemes: list[tuple[str, float, float]]) -> list[str]:
+    """The viseme shown over each phoneme's span: stress marks take the next phoneme's, length marks
+    the previous one's."""
+    names = [viseme_of(ph) for ph, _, _ in phonemes]
+    for i in range(len(names) - 2, -1, -1):
+        if phonemes[i][0] and all(c in _STRESS_MARKS for c in phonemes[i][0]):
+            names[i] = names[i + 1]
+    for i in range(1, len(names)):
+        if phonemes[i][0] and all(c in _LENGTH_MARKS for c in phonemes[i][0]):
+            names[i] = names[i - 1]
+    return names
+
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
     # Each face carries its action units at full strength (the face perception reads the same cues on
@@ -85,9 +104,19 @@ class SpeechTrack:
     phonemes: list[tuple[str, float, float]]
     envelope: np.ndarray | None = None  # RMS per 10 ms, fallback when timings are missing
     duration: float = 0.0
+    visemes: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.visemes = track_visemes(self.phonemes)
 
 
-def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045, lead_s: float = 0.05) -> np.ndarray:
+# How far the mouth's shape runs ahead of the sound: lips shape before the sound comes out, and viewers
+# tolerate a picture early far better than late (ITU-R BT.1359: ~125 ms vs ~45 ms). Measured against
+# piper's audio level over eight sentences, 20 ms puts the best-correlating lag at -20..+20 ms.
+LIP_LEAD_S = 0.02
+
+
+def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045, lead_s: float = LIP_LEAD_S) -> np.ndarray:
     """Coarticulated mouth weights at media time t: each phoneme's viseme, weighted by a smooth
     kernel around its span, so neighbouring shapes blend instead of snapping. The mouth leads the
     sound by `lead_s`, as lips do (they shape before the sound comes out)."""
@@ -97,13 +126,13 @@ def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045, lead_s: f
         return out
     if track.phonemes:
         total = 0.0
-        for ph, a, b in track.phonemes:
+        for (_, a, b), vis in zip(track.phonemes, track.visemes, strict=True):
             if b < rel - 0.15 or a > rel + 0.15:
                 continue
             mid, half = 0.5 * (a + b), 0.5 * (b - a)
             d = max(0.0, abs(rel - mid) - half)
             w = np.exp(-(d / kernel_s) ** 2)
-            out += w * _VIS_VEC[viseme_of(ph)]
+            out += w * _VIS_VEC[vis]
             total += w
         return out / max(total, 1.0)
     if track.envelope is not None and track.envelope.size:
