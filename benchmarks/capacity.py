@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,8 @@ async def one_session(url: str, key: str, users: Users, turns: int, offset_s: fl
             except TimeoutError as exc:
                 rows.append({"question": text, "error": str(exc)})
                 continue
-            rows.append({"question": text, "latency_ms": round((first - end) * 1000, 1)})
+            rows.append({"question": text, "latency_ms": round((first - end) * 1000, 1),
+                         "client_mic_late_ms": round(client.mic.last_speech_late * 1000, 1)})
             await asyncio.sleep(1.0)
         elapsed = time.monotonic() - t_start
         fps = (delivered(client) - frames_start) / elapsed if elapsed > 0 else 0.0
@@ -124,11 +127,45 @@ async def one_session(url: str, key: str, users: Users, turns: int, offset_s: fl
         prompts = [t.get("llm_prompt") for t in timings]
         await client.end()
         return {"turns": rows, "fps": fps, "error": None, "llm_prompts": prompts,
-                "stage_ms": [t.get("ms_from_speech_end") for t in timings]}
+                "stage_ms": [{**(t.get("ms_from_speech_end") or {}), "listener_behind": t.get("listener_behind_ms")}
+                             for t in timings]}
     except Exception as exc:  # a refused or failed session is a result, not a crash of the benchmark
         return {"turns": rows, "fps": 0.0, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         await client.close()
+
+
+async def bounded_session(url: str, key: str, users: Users, turns: int, offset_s: float, mode: str) -> dict:
+    """One client's session; a hung session is a failed one, never a hung benchmark."""
+    seen: dict = {}
+    try:
+        return await asyncio.wait_for(one_session(url, key, users, turns, offset_s, mode, seen),
+                                      timeout=60 + 100 * turns)
+    except TimeoutError:
+        client = seen.get("client")
+        kinds = [e["event_type"] for e in client.events] if client is not None else []
+        why = {"pc": client.pc.connectionState if client is not None and client.pc else None}
+        if client is not None and client.conversation:
+            import httpx
+
+            try:  # a diagnosis that fails must not take the benchmark down with it
+                async with httpx.AsyncClient(headers={"x-api-key": key}, timeout=10) as http:
+                    got = (await http.get(f"{url}/v2/conversations/{client.conversation['conversation_id']}")).json()
+                why.update(status=got.get("status"), shutdown_reason=got.get("shutdown_reason"))
+            except (httpx.HTTPError, ValueError) as exc:
+                why["lookup_error"] = repr(exc)
+        # The turns it did answer count; the session is failed as a whole.
+        return {"turns": seen.get("rows", []), "fps": 0.0, "error": f"session did not finish in time: {why}",
+                "events_seen": kinds}
+
+
+def client_process(url: str, key: str, users: Users, turns: int, offset_s: float, mode: str) -> dict:
+    """One simulated user in a process of its own, as each user has their own machine: three clients in
+    one process (one event loop, one GIL) fell behind real time on this box, their microphones sending
+    the questions up to 12 s late, which the server then heard late."""
+    cpu0 = time.process_time()
+    result = asyncio.run(bounded_session(url, key, users, turns, offset_s, mode))
+    return {**result, "client_cpu_s": time.process_time() - cpu0}
 
 
 async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, mode: str) -> dict:
@@ -153,29 +190,10 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
 
     sampler = asyncio.ensure_future(sample_memory())
     t0 = time.monotonic()
-    async def bounded(i: int) -> dict:  # a hung session is a failed one, never a hung benchmark
-        seen: dict = {}
-        try:
-            return await asyncio.wait_for(one_session(url, key, users, turns, 0.7 * i, mode, seen),
-                                          timeout=60 + 100 * turns)
-        except TimeoutError:
-            client = seen.get("client")
-            kinds = [e["event_type"] for e in client.events] if client is not None else []
-            why = {"pc": client.pc.connectionState if client is not None and client.pc else None}
-            if client is not None and client.conversation:
-                import httpx
-
-                try:  # a diagnosis that fails must not take the benchmark down with it
-                    async with httpx.AsyncClient(headers={"x-api-key": key}, timeout=10) as http:
-                        got = (await http.get(f"{url}/v2/conversations/{client.conversation['conversation_id']}")).json()
-                    why.update(status=got.get("status"), shutdown_reason=got.get("shutdown_reason"))
-                except (httpx.HTTPError, ValueError) as exc:
-                    why["lookup_error"] = repr(exc)
-            # The turns it did answer count; the session is failed as a whole.
-            return {"turns": seen.get("rows", []), "fps": 0.0, "error": f"session did not finish in time: {why}",
-                    "events_seen": kinds}
-
-    results = await asyncio.gather(*(bounded(i) for i in range(sessions)))
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(sessions, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = await asyncio.gather(*(loop.run_in_executor(pool, client_process, url, key, users, turns, 0.7 * i, mode)
+                                         for i in range(sessions)))
     wall = time.monotonic() - t0
     stop.set()
     await sampler
@@ -189,13 +207,18 @@ async def run_step(url: str, key: str, users: Users, sessions: int, turns: int, 
         "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
         "fps": round(float(np.mean([r["fps"] for r in results])), 2),
         "cpu_pct": round(100.0 * (busy1 - busy0) / max(1.0, total1 - total0), 1),
+        # Of the box's CPU, what the clients themselves took (they stand in for the users' own machines).
+        "client_cpu_pct": round(100.0 * sum(r.get("client_cpu_s", 0.0) for r in results) / (wall * (os.cpu_count() or 1)), 1),
         "gpu_pct": round(float(np.mean(gpu_samples)), 1) if gpu_samples else None,  # None: no GPU (pynvml says why)
         "rss_mb": round(all_rss, 1), "session_host_rss_mb": round(host_rss, 1),
         "rss_mb_per_session": round(host_rss / sessions, 1) if sessions else None,
         "wall_s": round(wall, 1), "errors": [r["error"] for r in results if r["error"]],
         "latencies_by_session_ms": [[t.get("latency_ms") for t in r["turns"]] for r in results],
+        # How late each client's microphone sent the end of each question (the client shares the box).
+        "client_mic_late_ms": [[t.get("client_mic_late_ms") for t in r["turns"]] for r in results],
         "llm_prompts": [p for r in results for p in r.get("llm_prompts", []) if p],
-        # Where each turn's time went, per session (ms after the user's speech ended, as the server saw it).
+        # Where each turn's time went, per session (ms after the user's speech ended, as the server saw it;
+        # listener_behind: how much earlier it had ended at the microphone, queued unheard).
         "stage_ms_by_session": [r.get("stage_ms", []) for r in results],
         "hung_sessions_events": [r["events_seen"] for r in results if "events_seen" in r],
     }
@@ -319,7 +342,9 @@ def main() -> None:
     from serve_app.session.pose_stream import POSE_HZ
 
     # The clients stand in for remote users but share these cores: at the workers' niceness (15), so they
-    # neither outrank the server they measure nor starve (Ray was started from this process, at 0).
+    # neither outrank the server they measure nor starve (Ray was started from this process, at 0). Each
+    # runs in its own process (client_process); how late their microphones were and how much CPU they
+    # took is recorded with each step.
     os.nice(max(0, 15 - os.nice(0)))
     tts = PiperTTS()
     persona_id = httpx.post(f"{url}/v2/personas", json=PERSONA, headers={"x-api-key": key}, timeout=30).json()["persona_id"]

@@ -54,6 +54,9 @@ class ScriptedMic(MediaStreamTrack):
         self._rng = np.random.default_rng(0)
         self.last_speech_sent: float = 0.0
         self.clip_started: float = 0.0  # wall time the latest clip's first sample was sent
+        # How late (s) the last speech frame left, after the time it was due: a starved client sends its
+        # audio late, and the server hears it late (the latency is still counted from when it was due).
+        self.last_speech_late: float = 0.0
         self._done: asyncio.Event | None = None
 
     def play(self, pcm: np.ndarray) -> asyncio.Event:
@@ -81,6 +84,7 @@ class ScriptedMic(MediaStreamTrack):
                 self._pos = 0
                 # Wall time at which the last speech sample leaves: sent frames are paced in real time.
                 self.last_speech_sent = target + n / RATE
+                self.last_speech_late = max(0.0, time.monotonic() - target)
                 if self._done is not None:
                     self._done.set()
         frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import numpy as np
 
@@ -94,3 +97,47 @@ def default_database_url() -> str:
     path = os.environ.get("PRESENCE_DB", os.path.join(root, "data", "presence.db"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return f"sqlite:///{path}"
+
+
+class PriorityLock:
+    """An asyncio lock handed to the waiter with the lowest `priority` first (in arrival order among
+    equals): one model that serves several sessions in turn lets the work a user waits for (a reply's
+    first clause) pass the work they do not (the rest of a reply, a cache warm-up)."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    async def acquire(self, priority: int) -> None:
+        if not self._held and not self.waiting:
+            self._held = True
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), fut))
+        try:
+            await fut  # release() hands the lock over: it stays held
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed over just as the waiter was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            *_, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._held = False
+
+    @asynccontextmanager
+    async def hold(self, priority: int) -> AsyncIterator[None]:
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()

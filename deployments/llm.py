@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from deployments import outbound
-from deployments.common import ServiceTimes, limit_threads
+from deployments.common import PriorityLock, ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.llm import EmbeddedLlamaCpp, GenerationParams, OpenAICompatibleLLM, StreamEnd
 from models.tools import ToolCall, split_tool_calls
+
+# The embedded backend serves every session of the replica on one CPU thread. Left to llama.cpp, a
+# reply waited for other sessions' whole replies and prefills in its first-come queue (one slot), or
+# was decoded side by side with them, each step as slow as all of them together (several slots): at 3
+# sessions on 2 cores, 1-8 s to a first token. So requests go to llama.cpp one at a time, each session's
+# conversation keeps its own slot (llama.cpp sends a prompt to the slot whose cache matches it best; with
+# one slot the sessions' shared persona prefix kept llama.cpp from saving the others' history), and a
+# reply is generated in chunks, each continuing the text so far (llama.cpp continues an unfinished
+# assistant message): a reply's first chunk, which holds its first clause, goes before other replies'
+# later chunks and prefills. Speech plays ~3 tokens a second and one thread generates ~60,
+# so a later chunk that waits a little is never heard late.
+FIRST_CHUNK_TOKENS = 16
+NEXT_CHUNK_TOKENS = 16
+REPLY_FIRST, REPLY_REST, PREFILL = 0, 1, 1  # a prefill (a new session's persona, a history) waits its turn
 
 
 def make_backend(kind: str, **kw):
@@ -39,6 +54,8 @@ class LLM:
         self.backend = make_backend(backend, **(backend_args or {}))
         self._external: dict[tuple, OpenAICompatibleLLM] = {}
         self.ttft = ServiceTimes()
+        # Sessions take turns on the embedded backend (None: the backend batches them itself).
+        self.turns = PriorityLock() if isinstance(self.backend, EmbeddedLlamaCpp) else None
         if hasattr(self.backend, "warmup"):
             self.backend.warmup()
 
@@ -63,7 +80,11 @@ class LLM:
         t0 = time.perf_counter()
         first = True
         self.ttft.in_flight += 1
-        stream = self._backend_for(endpoint).stream(messages, params or GenerationParams(), tools)
+        backend, params = self._backend_for(endpoint), params or GenerationParams()
+        if backend is self.backend and self.turns is not None:
+            stream = self._in_turns(messages, params, tools)
+        else:
+            stream = backend.stream(messages, params, tools)
         if tools:
             stream = split_tool_calls(stream, {t["function"]["name"] for t in tools})
         try:
@@ -75,11 +96,39 @@ class LLM:
         finally:
             self.ttft.in_flight -= 1
 
+    async def _in_turns(self, messages: list[dict], params: GenerationParams, tools: list[dict] | None
+                        ) -> AsyncIterator[str | ToolCall | StreamEnd]:
+        """The backend's reply in chunks, each taking its turn on the slot (see FIRST_CHUNK_TOKENS)."""
+        text, budget, priority = "", params.max_tokens, REPLY_FIRST
+        while True:
+            size = min(budget, FIRST_CHUNK_TOKENS if priority == REPLY_FIRST else NEXT_CHUNK_TOKENS)
+            chunk = dataclasses.replace(params, max_tokens=size, report_prompt=params.report_prompt and not text)
+            sent = [*messages, {"role": "assistant", "content": text}] if text else messages
+            end = StreamEnd("stop")
+            async with self.turns.hold(priority):
+                async for piece in self.backend.stream(sent, chunk, tools):
+                    if isinstance(piece, StreamEnd):
+                        end = piece
+                        break
+                    if isinstance(piece, str):
+                        text += piece
+                        budget -= 1  # llama.cpp streams a token per chunk
+                    yield piece
+            if end.finish_reason != "length" or budget <= 0 or not text:
+                yield end
+                return
+            priority = REPLY_REST
+
     async def prefill(self, messages: list[dict], endpoint: dict | None = None,
-                      tools: list[dict] | None = None, lead: str = "") -> int | None:
+                      tools: list[dict] | None = None, lead: str = "", conversation: str | None = None) -> int | None:
         """Warm the prompt cache with a conversation prefix (persona, context, history) while the user
-        is still speaking; returns the tokens processed, None where the backend has no cache to warm."""
-        return await self._backend_for(endpoint).prefill(messages, tools, lead)
+        is still speaking; returns the tokens processed, None where the backend has no cache to warm.
+        On the embedded backend it waits for the replies being generated."""
+        backend = self._backend_for(endpoint)
+        if backend is self.backend and self.turns is not None:
+            async with self.turns.hold(PREFILL):
+                return await backend.prefill(messages, tools, lead, conversation)
+        return await backend.prefill(messages, tools, lead, conversation)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return self.ttft.stats()

@@ -21,6 +21,7 @@ from deployments.common import ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.perception.face import FaceAnalyzer
 from models.perception.frames import decode_frame
+from models.priority import BACKGROUND_NICE, lower_priority
 
 
 # No batch wait: a batch is whatever queued while the previous one ran, so one session pays no
@@ -28,8 +29,11 @@ from models.perception.frames import decode_frame
 # it would be a line per frame.)
 @serve.deployment
 class Perception:
-    def __init__(self, min_score: float = 0.5) -> None:
+    def __init__(self, min_score: float = 0.5, nice: int = BACKGROUND_NICE) -> None:
+        """`nice`: how far below a session host this replica runs. The face state a reply reads is the
+        latest one (never waited for), so on a busy CPU perception is what should lag, not the reply."""
         limit_threads()
+        lower_priority(nice)
         self.gpu_metrics = start_gpu_metrics("Perception")
         self.analyzer = FaceAnalyzer(min_score=min_score)
         self.times = ServiceTimes()

@@ -21,6 +21,7 @@ from models.avatar.fit import fit_head
 from models.avatar.head import build_head
 from models.avatar.headfile import save_head
 from models.media import MediaError, decode_media, probe_media
+from models.priority import BACKGROUND_NICE, lower_priority
 
 log = logging.getLogger("presence.replicas")
 
@@ -40,6 +41,7 @@ class ReplicaTrainer:
         if rasteriser not in ("reference", "gsplat"):
             raise ValueError(f"replicas.rasteriser must be 'reference' or 'gsplat', not {rasteriser!r}")
         limit_threads()
+        lower_priority(BACKGROUND_NICE)  # no reply waits for a fit
         self.rasteriser = rasteriser
         self.dir = Path(replicas_dir) if replicas_dir else default_replicas_dir()
         self.dir.mkdir(parents=True, exist_ok=True)

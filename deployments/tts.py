@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from deployments.common import ServiceTimes, limit_threads
+from deployments.common import PriorityLock, ServiceTimes, limit_threads
 from deployments.gpu_metrics import start_gpu_metrics
 from models.audio import float_to_pcm16
 from models.tts import PiperTTS
@@ -20,12 +20,14 @@ class TTS:
         self.gpu_metrics = start_gpu_metrics("TTS")
         self.model = PiperTTS(use_cuda=use_cuda)
         self.times = ServiceTimes()
-        self._lock = asyncio.Lock()
+        self._turns = PriorityLock()
         self.model.synthesize("Hello there.")
 
-    async def synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
+    async def synthesize(self, text: str, speed: float = 1.0, first: bool = False) -> SpeechResult:
+        """`first`: the first clause of a reply, which its user is waiting for: it goes before the
+        later clauses of other sessions' replies (those play after audio already queued)."""
         with self.times.measure() as timing:
-            async with self._lock:
+            async with self._turns.hold(0 if first else 1):
                 speech = await asyncio.to_thread(self.model.synthesize, text, speed)
         return SpeechResult(
             text, float_to_pcm16(speech.audio).tobytes(), speech.sample_rate,

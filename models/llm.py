@@ -11,6 +11,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +34,9 @@ class GenerationParams:
     repetition_penalty: float = 1.25
     stop: list[str] = field(default_factory=lambda: ["\nUser:", "<|im_end|>", "\n\n"])
     report_prompt: bool = False  # yield a PromptStats before the first token, where the backend reports one
+    # Whose conversation this is: a backend with a prompt cache per conversation (llama.cpp's slots)
+    # keeps each in its own.
+    conversation: str | None = None
 
 
 class LLMBackend(Protocol):
@@ -43,10 +47,12 @@ class LLMBackend(Protocol):
         `tools`: OpenAI function definitions the model may call."""
         ...
 
-    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
+                      conversation: str | None = None) -> int | None:
         """Process `messages` (a conversation up to, not including, the next user message) into the
         prompt cache, so the next reply pays only for its own user message. Returns the tokens
-        processed, or None where the backend keeps no cache we can warm."""
+        processed, or None where the backend keeps no cache we can warm. `conversation`: whose, as in
+        GenerationParams."""
         ...
 
 
@@ -141,7 +147,8 @@ class OpenAICompatibleLLM:
         """Non-standard request fields; none for a generic endpoint (OpenAI rejects unknown ones)."""
         return {}
 
-    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
+                      conversation: str | None = None) -> int | None:
         """A remote endpoint caches prompts its own way (OpenAI, vLLM: automatic prefix caching); a
         request sent only to warm it would be billed, so nothing is sent."""
         return None
@@ -194,12 +201,16 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         """`tool_mode`: `text` (the model is taught the text tool format and decides itself) or `router`
         (models.tools.ToolRouter decides, the model writes the arguments under the schema as a grammar).
         `recall`: a question about the user that a remembered fact answers is answered from it
-        (models.memory.MemoryRecall), for a model too small to."""
+        (models.memory.MemoryRecall), for a model too small to. `n_parallel`: llama.cpp slots, each
+        keeping one conversation's prompt cache (a request goes to the slot whose cache matches it
+        best); the LLM deployment sends them one request at a time (deployments/llm.py)."""
         import xllamacpp
 
         if tool_mode not in ("text", "router"):
             raise ValueError(f"tool_mode {tool_mode!r}: expected 'text' or 'router'")
         self.tool_mode = tool_mode
+        self.n_parallel = n_parallel  # llama.cpp slots, each keeping one conversation's prompt cache
+        self._slots: OrderedDict[str, int] = OrderedDict()  # conversation -> its slot, least recent first
         self._router: ToolRouter | None = None
         self._recall = None
         self.recall = recall
@@ -207,7 +218,8 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
 
         params = xllamacpp.CommonParams()
         params.model.path = str(gguf_path or embedded_llm(model))
-        params.n_ctx = n_ctx
+        # `n_ctx` is each slot's: llama.cpp splits its context among the slots.
+        params.n_ctx = n_ctx * n_parallel
         params.n_parallel = n_parallel
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
@@ -279,13 +291,32 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
             return None
         return ToolCall(new_call_id(), fn["name"], text)
 
+    def slot_for(self, conversation: str | None) -> int:
+        """The slot that keeps `conversation`'s prompt cache (-1: llama.cpp picks one). A new
+        conversation takes a free slot, or the one used least recently. (Left to pick by prompt
+        similarity, llama.cpp sent every conversation of a persona to the slot holding the persona's
+        prefix, each overwriting the others' history.)"""
+        if conversation is None:
+            return -1
+        if conversation in self._slots:
+            self._slots.move_to_end(conversation)
+            return self._slots[conversation]
+        if len(self._slots) < self.n_parallel:
+            slot = len(self._slots)
+        else:
+            slot = self._slots.popitem(last=False)[1]
+        self._slots[conversation] = slot
+        return slot
+
     def extra_body(self, params: GenerationParams) -> dict:
         # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused);
         # `timings_per_token` puts the prompt's timings (cache_n, prompt_n, prompt_ms) in the first chunk.
         return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True,
+                "id_slot": self.slot_for(params.conversation),
                 **({"timings_per_token": True} if params.report_prompt else {})}
 
-    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
+                      conversation: str | None = None) -> int | None:
         """llama.cpp's own endpoints: the server's chat template renders the conversation with a
         placeholder next user message, the text before the placeholder is processed with no token
         generated (`n_predict: 0`) into the slot's cache, which the next chat request then reuses."""
@@ -294,7 +325,8 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         rendered = await self._client.post(f"{root}/apply-template", json={"messages": chat})
         rendered.raise_for_status()
         done = await self._client.post(f"{root}/completion", json={
-            "prompt": prefix_text(rendered.json()["prompt"]), "n_predict": 0, "cache_prompt": True})
+            "prompt": prefix_text(rendered.json()["prompt"]), "n_predict": 0, "cache_prompt": True,
+            "id_slot": self.slot_for(conversation)})
         done.raise_for_status()
         return int(done.json().get("timings", {}).get("prompt_n", 0))
 
@@ -329,7 +361,8 @@ class VLLMEngine:
             return prefix_text(rendered)
         return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
-    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "") -> int | None:
+    async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
+                      conversation: str | None = None) -> int | None:
         """One generated token over the conversation prefix: vLLM's automatic prefix caching keeps
         its KV blocks for the next turn."""
         from vllm import SamplingParams

@@ -5,6 +5,7 @@ piper-tts and espeak-ng are GPL-3.0: they stay behind this interface so another 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -56,21 +57,23 @@ class PiperTTS:
     """piper VITS voice on ONNX Runtime (one thread)."""
 
     def __init__(self, model_path: str | None = None, config_path: str | None = None, use_cuda: bool = False,
-                 length_scale: float = 1.0) -> None:
+                 length_scale: float = 1.0, sampled: bool = True) -> None:
+        """`sampled`: VITS samples each take (pitch and timing vary a little, as a person's do); False
+        gives the same audio for the same text every time (measurements that compare takes)."""
         from piper import PiperVoice, SynthesisConfig
 
         model, config = (model_path, config_path) if model_path else piper_voice()
         self._voice = PiperVoice.load(str(model), config_path=str(config), use_cuda=use_cuda, include_alignments=True)
         self._syn = SynthesisConfig(length_scale=length_scale)
+        if not sampled:
+            self._syn.noise_scale, self._syn.noise_w_scale = 0.0, 0.0
         self.sample_rate = int(self._voice.config.sample_rate)
 
     def synthesize(self, text: str, speed: float = 1.0) -> Speech:
         """Speak `text`; `speed` > 1 talks faster (piper's length_scale is its inverse)."""
         syn = self._syn
         if speed != 1.0:
-            from piper import SynthesisConfig
-
-            syn = SynthesisConfig(length_scale=self._syn.length_scale / max(0.25, float(speed)))
+            syn = dataclasses.replace(syn, length_scale=syn.length_scale / max(0.25, float(speed)))
         pieces, phonemes = [], []
         t = 0.0
         for chunk in self._voice.synthesize(text, syn_config=syn, include_alignments=True):

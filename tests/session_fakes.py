@@ -157,7 +157,7 @@ class Models:
     async def _prepare_knowledge(self, document_ids) -> None:
         await asyncio.sleep(0.01)
 
-    async def _prefill(self, messages, endpoint=None, tools=None, lead="") -> int | None:
+    async def _prefill(self, messages, endpoint=None, tools=None, lead="", conversation=None) -> int | None:
         self.prefill_leads.append(lead)
         await self.outages["llm"].enter()
         if lead:
@@ -165,7 +165,7 @@ class Models:
         self.prefills.append(json.loads(json.dumps(messages)))
         return len(messages) if self.prefill_caches else None
 
-    async def _synthesize(self, text: str, speed: float = 1.0) -> SpeechResult:
+    async def _synthesize(self, text: str, speed: float = 1.0, first: bool = False) -> SpeechResult:
         await self.outages["tts"].enter()
         await asyncio.sleep(self.tts_delays_s.pop(0) if self.tts_delays_s else 0.01)
         rate = 16000

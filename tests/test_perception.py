@@ -14,9 +14,14 @@ SENTENCE = "I went to the market yesterday and bought some apples and pears."
 
 
 @pytest.fixture(scope="module")
-def voice(tts):
-    # piper samples its voice (VITS noise): one synthesis per (text, speed), so a pitch or gain change is
-    # measured on the same utterance, not against another take (two takes' pitch differs by up to ~15 %).
+def voice():
+    # piper samples its voice (VITS noise; two takes' pitch differs by up to ~15 %, and at 1.6x speed a
+    # take's syllables can blur): unsampled here, so a pitch, gain or speed change is measured on the
+    # same take of the utterance and every run measures the same audio.
+    from models.tts import PiperTTS
+
+    tts = PiperTTS(sampled=False)
+
     @functools.cache
     def synthesize(text: str, speed: float):
         return tts.synthesize(text, speed=speed)

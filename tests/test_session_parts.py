@@ -87,6 +87,39 @@ def test_a_complete_turn_is_taken_at_once_and_reported_in_order():
     assert 0 < len(models.turn.predict.calls[0][0]) <= 8 * 16000 * 2
 
 
+def test_the_listener_knows_how_far_behind_the_microphone_it_is():
+    """Audio that queued while the session's loop was held (a starved CPU) is the listener's backlog,
+    which each turn's timings report: the user's speech ended that much before the server heard it."""
+    import av
+    from aiortc.mediastreams import MediaStreamError
+
+    seen: list[float] = []
+
+    class Track:  # 20 ms frames: on time, then the loop held for 0.5 s, then the queued ones at once
+        def __init__(self) -> None:
+            self.n = 0
+
+        async def recv(self) -> av.AudioFrame:
+            seen.append(lst.behind_s)
+            self.n += 1
+            if self.n > 60:
+                raise MediaStreamError
+            if self.n <= 25:
+                await asyncio.sleep(0.02)
+            elif self.n == 26:
+                time.sleep(0.5)
+            frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+            frame.planes[0].update(np.zeros(960, np.int16).tobytes())
+            frame.sample_rate, frame.pts = 48000, (self.n - 1) * 960
+            return frame
+
+    lst = listener(Models(), Hooks())
+    asyncio.run(lst.run(Track()))
+    assert max(seen[:25]) < 0.1  # on time (scheduling jitter only)
+    assert 0.4 < seen[26] < 0.65  # the held half second is waiting
+    assert seen[-1] < seen[26] - 0.4  # caught up as the queued frames were processed
+
+
 def test_the_configured_threshold_decides_the_turn():
     """The TurnTaking deployment's threshold is applied once, in the listener: the same audio score
     is a finished turn at threshold 0.5 and an unfinished one (taken after the patience) at 0.8."""

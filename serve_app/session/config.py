@@ -61,11 +61,13 @@ class LLMSettings:
     endpoint: dict | None  # a persona's own OpenAI-compatible endpoint (base_url, api_key, model), or None
 
 
-def llm_settings(persona: PersonaIn) -> LLMSettings:
+def llm_settings(persona: PersonaIn, conversation: str | None = None) -> LLMSettings:
+    """`conversation`: its id, so a backend with a prompt cache per conversation keeps this one's."""
     llm = persona.layers.llm
     endpoint = {"base_url": str(llm.base_url), "api_key": llm.api_key, "model": llm.model} if llm.base_url else None
     # report_prompt: each turn's timings say how much of the prompt the backend's cache held.
-    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature, report_prompt=True),
+    return LLMSettings(GenerationParams(max_tokens=llm.max_tokens, temperature=llm.temperature, report_prompt=True,
+                                        conversation=conversation),
                        llm.max_sentences, endpoint)
 
 

@@ -99,11 +99,20 @@ class Listener:
         self._ring: deque[np.ndarray] = deque(maxlen=PRE_ROLL_CHUNKS)
         self._utt: list[np.ndarray] = []
         self._last_voice_wall = 0.0
+        self._wall0: float | None = None  # monotonic time audio sample 0 would have arrived at
         self._eot_task: asyncio.Task | None = None
         self._barge_task: asyncio.Task | None = None
         self._overlap_chunks = 0  # > 0: the avatar was paused for possible speech this many chunks ago
         self._speech_seq = 0  # stretches of speech so far (VAD speech starts)
         self._barge_seq = -1  # the stretch the last barge-in check was for
+
+    @property
+    def behind_s(self) -> float:
+        """Seconds of the user's audio that arrived but is not processed yet (0 on time; the browser
+        sends audio without gaps, so wall time minus audio time is the backlog, plus any jitter)."""
+        if self._wall0 is None:
+            return 0.0
+        return max(0.0, time.monotonic() - self._wall0 - self.samples_in / RATE)
 
     @property
     def deciding(self) -> bool:
@@ -117,6 +126,8 @@ class Listener:
         try:
             while True:
                 frame = await track.recv()
+                if self._wall0 is None:
+                    self._wall0 = time.monotonic() - self.samples_in / RATE
                 for out in resampler.resample(frame):
                     pending = np.concatenate([pending, out.to_ndarray().reshape(-1)])
                 n = pending.size // CHUNK
@@ -204,7 +215,7 @@ class Listener:
     async def _end_of_turn(self, force: bool = False) -> None:
         """At a pause: final ASR and the turn model run together; with the words the reply may start
         (gated); then the turn is decided: complete now, or taken after the persona's patience."""
-        timings = TurnTimings(speech_end=self._last_voice_wall)
+        timings = TurnTimings(speech_end=self._last_voice_wall, listener_behind_ms=round(self.behind_s * 1000, 1))
         timings.mark("vad_pause")
         pcm = self._utterance_pcm()
         turn_call = asyncio.ensure_future(self._turn_score(pcm[-TURN_MODEL_BYTES:]))

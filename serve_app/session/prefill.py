@@ -23,8 +23,9 @@ class PromptPrefill:
     """`llm` is the LLM deployment handle (`prefill.remote(messages, endpoint, tools)`)."""
 
     def __init__(self, llm: Any, context: LLMContext, endpoint: dict | None, tasks: Tasks,
-                 tools: list[dict] | None = None) -> None:
+                 tools: list[dict] | None = None, conversation: str | None = None) -> None:
         self.llm = llm
+        self.conversation = conversation  # whose cache to warm (the backend may keep one per conversation)
         self.tools = tools  # the persona's tool definitions: part of the prompt prefix
         self.context = context
         self.endpoint = endpoint
@@ -63,7 +64,7 @@ class PromptPrefill:
             messages, lead = self.context.prefix(), self.lead
             self.cached_lead = None
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, lead)
+                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, lead, self.conversation)
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return

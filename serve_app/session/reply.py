@@ -145,10 +145,12 @@ class Reply:
             producer = self.parts.tasks.spawn(self._clauses_from_llm(clauses))
         tts = self.parts.tts
         try:
+            first = True
             while (text := await clauses.get()) is not None:
                 self.mark("first_clause")
                 speech: SpeechResult = await self.guard.call(
-                    tts, lambda t=text: tts.synthesize.remote(t, self.parts.tts_speed))
+                    tts, lambda t=text, f=first: tts.synthesize.remote(t, self.parts.tts_speed, f))
+                first = False
                 self.mark("tts_first_audio")
                 await self.gate.wait()
                 self._log_user()
@@ -321,6 +323,8 @@ class Reply:
                      if self.passages is not None else {})
             if self.prompt is not None:
                 extra["llm_prompt"] = self.prompt.as_dict()
+            if self.timings.listener_behind_ms is not None:
+                extra["listener_behind_ms"] = self.timings.listener_behind_ms
             self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms(),
                             **extra)
 

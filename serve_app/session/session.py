@@ -75,12 +75,12 @@ class Session:
                                  interim=bool(handles.knowledge is not None and spec.document_ids))
         self.holding = HoldingPhrases(handles.tts, persona.layers.tts.speed)
         self._holding_played_at = -1e9
-        settings = llm_settings(persona)
+        settings = llm_settings(persona, self.cid)
         llm_layer = persona.layers.llm
         self.tools = (ToolRunner(self.cid, llm_layer.tools, llm_layer.tool_timeout_s, self.emit, handles.post_json)
                       if llm_layer.tools else None)
         self.prefill = PromptPrefill(handles.llm, self.context, settings.endpoint, self.tasks,
-                                     self.tools.definitions if self.tools else None)
+                                     self.tools.definitions if self.tools else None, conversation=self.cid)
         self.knowledge = (TurnKnowledge(handles.knowledge, spec.document_ids, persona.knowledge, self.prefill, self.tasks,
                                         speaking=lambda: self.listener.segmenter.speaking)
                           if handles.knowledge is not None and spec.document_ids else None)

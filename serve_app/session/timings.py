@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 class TurnTimings:
     speech_end: float = 0.0  # monotonic time of the last voiced chunk
     marks: dict[str, float] = field(default_factory=dict)
+    # How far the listener was behind the microphone when the pause was heard (its audio queued
+    # unprocessed on a starved CPU): the user's speech ended this much before `speech_end`.
+    listener_behind_ms: float | None = None
 
     def mark(self, name: str) -> None:
         """Record `name` now, once (the first call wins)."""

@@ -1,0 +1,146 @@
+"""Sessions taking turns on one model: the priority lock, and the LLM deployment's chunked replies on
+the embedded llama.cpp slot (real model, no Ray: the deployment's class on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.common import PriorityLock
+
+
+def test_priority_lock_serves_lowest_priority_first_then_in_arrival_order():
+    async def run():
+        lock, order = PriorityLock(), []
+
+        async def job(name: str, priority: int) -> None:
+            async with lock.hold(priority):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        await lock.acquire(0)  # held while the others arrive
+        tasks = [asyncio.create_task(job(n, p)) for n, p in (("rest-a", 1), ("prefill", 2), ("rest-b", 1), ("first", 0))]
+        await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(job("cancelled", 0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()  # a waiter that gives up is skipped, not handed the lock
+        await asyncio.sleep(0.01)
+        assert lock.waiting == 4
+        lock.release()
+        await asyncio.gather(*tasks)
+        assert not lock.waiting
+        async with lock.hold(5):  # free again: taken at once
+            order.append("after")
+        return order
+
+    assert asyncio.run(run()) == ["first", "rest-a", "rest-b", "prefill", "after"]
+
+
+@pytest.fixture(scope="module")
+def llm_deployment():
+    from deployments.llm import LLM
+
+    llm = LLM.func_or_class(backend="llamacpp", backend_args={"model": "smollm2-135m", "n_parallel": 1, "threads": 1})
+    return llm  # (its HTTP client belongs to the event loops the tests ran; the server ends with the process)
+
+
+MESSAGES = [{"role": "system", "content": "You are Anna, the receptionist of the Riverside clinic. Answer briefly."},
+            {"role": "user", "content": "What time do you open on Saturdays, and do I need an appointment?"}]
+
+
+def test_a_reply_in_chunks_is_the_reply_in_one_go(llm_deployment):
+    """Each chunk continues the text so far (an unfinished assistant message): at temperature 0 the
+    chunked reply is word for word the one generated in one call, and its prompt is reported once."""
+    from models.llm import GenerationParams, PromptStats, StreamEnd
+
+    params = GenerationParams(max_tokens=48, temperature=0.0, report_prompt=True)
+
+    async def run():
+        whole = [p async for p in llm_deployment.backend.stream(MESSAGES, params)]
+        chunked = [p async for p in llm_deployment.stream(MESSAGES, params)]
+        return whole, chunked
+
+    whole, chunked = asyncio.run(run())
+    text = "".join(p for p in whole if isinstance(p, str))
+    assert sum(isinstance(p, str) for p in whole) > 20  # longer than one chunk
+    assert "".join(p for p in chunked if isinstance(p, str)) == text
+    assert sum(isinstance(p, PromptStats) for p in chunked) == 1
+    assert isinstance(chunked[-1], StreamEnd) and chunked[-1].finish_reason == whole[-1].finish_reason
+
+
+def test_a_second_sessions_first_clause_goes_before_the_first_ones_rest(llm_deployment):
+    """Two sessions' replies on the one thread: B's first chunk is generated before A's second one, and
+    a prefill waits for the first chunks."""
+    from models.llm import GenerationParams
+
+    llm = llm_deployment
+    calls: list[str] = []
+    real_stream, real_prefill = llm.backend.stream, llm.backend.prefill
+
+    def stream(messages, params, tools=None):  # the real backend, its calls recorded in order
+        who = "A" if "Saturdays" in messages[1]["content"] else "B"
+        calls.append(f"{who}-{'rest' if messages[-1]['role'] == 'assistant' else 'first'}")
+        return real_stream(messages, params, tools)
+
+    async def prefill(messages, tools=None, lead="", conversation=None):
+        calls.append("prefill")
+        return await real_prefill(messages, tools, lead, conversation)
+
+    other = [MESSAGES[0], {"role": "user", "content": "Where can I park my car?"}]
+    params = GenerationParams(max_tokens=48, temperature=0.0)
+
+    async def reply(messages, started: asyncio.Event | None = None) -> str:
+        text = ""
+        async for p in llm.stream(messages, params):
+            if isinstance(p, str):
+                text += p
+                if started is not None:
+                    started.set()
+        return text
+
+    async def run():
+        started = asyncio.Event()
+        a = asyncio.create_task(reply(MESSAGES, started))
+        await started.wait()  # A is generating its first chunk
+        b = asyncio.create_task(reply(other))
+        warm = asyncio.create_task(llm.prefill(MESSAGES[:1]))
+        return await asyncio.gather(a, b, warm)
+
+    llm.backend.stream, llm.backend.prefill = stream, prefill
+    try:
+        text_a, text_b, warmed = asyncio.run(run())
+    finally:
+        llm.backend.stream, llm.backend.prefill = real_stream, real_prefill
+    assert text_a.strip() and text_b.strip()
+    assert calls[:2] == ["A-first", "B-first"] and "A-rest" in calls and "B-rest" in calls, calls
+    assert calls.index("prefill") > calls.index("B-first") and warmed is not None
+
+
+def test_each_conversation_keeps_its_own_slot():
+    """Two conversations of one persona, turn about: each reply reads only its new message, as its
+    slot still holds its own history (one slot, or slots picked by similarity, held the persona's)."""
+    from models.llm import EmbeddedLlamaCpp, GenerationParams, PromptStats
+
+    two = EmbeddedLlamaCpp(model="smollm2-135m", n_parallel=2, threads=1)
+    history = {"a": [MESSAGES[0]], "b": [MESSAGES[0]]}
+    questions = {"a": ["When do you open?", "And on Sundays?"], "b": ["Where do I park?", "Is it free?"]}
+
+    async def turn(who: str, question: str) -> PromptStats:
+        msgs = [*history[who], {"role": "user", "content": question}]
+        stats, text = None, ""
+        async for p in two.stream(msgs, GenerationParams(max_tokens=12, temperature=0.0, report_prompt=True,
+                                                         conversation=who)):
+            stats = p if isinstance(p, PromptStats) else stats
+            text += p if isinstance(p, str) else ""
+        history[who] = [*msgs, {"role": "assistant", "content": text}]
+        return stats
+
+    async def run():
+        return [await turn(who, questions[who][i]) for i in range(2) for who in ("a", "b")]
+
+    stats = asyncio.run(run())
+    assert two.slot_for("a") != two.slot_for("b")
+    # Second turns: the history (system, question, answer) came from the cache; only the new question
+    # (and the template's few tokens around it) was read.
+    assert all(s.processed <= 20 and s.cached > 40 for s in stats[2:]), stats
