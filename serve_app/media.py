@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import os
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 
 from models.audio import resample
+from models.priority import lower_priority
 
 AUDIO_RATE = 48000
 AUDIO_FRAME = 960  # 20 ms
@@ -233,11 +233,8 @@ RENDER_NICENESS = 5  # the render thread yields the CPU to the reply's LLM, TTS 
 
 
 def _lower_priority() -> None:
-    try:  # on Linux a thread has its own nice value
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + RENDER_NICENESS)
-    except (OSError, AttributeError):
-        pass
+    """The render thread's initializer: only this thread is lowered."""
+    lower_priority(RENDER_NICENESS, thread_name=threading.current_thread().name)
 
 
 # One render thread per host process, below the model replicas' priority: when the CPU is short the

@@ -77,24 +77,25 @@ class Perceiver:
         """Consume every camera frame (so none pile up); a few per second, downscaled, are analysed
         (one a second while a reply is prepared: the reply path comes first)."""
         last = -1e9
+        decoder_lowered = False
         try:
-            frame = await track.recv()
-            # aiortc decodes every camera frame in its own thread (running now that one came out); only a
-            # few a second are analysed, so on a busy CPU decoding yields to the reply path.
-            lower_priority(BACKGROUND_NICE, thread_name="video-decoder")
             while True:
+                frame = await track.recv()
+                if not decoder_lowered:
+                    # aiortc decodes every camera frame in its own thread (running now that one came out);
+                    # only a few a second are analysed, so on a busy CPU decoding yields to the reply path.
+                    lower_priority(BACKGROUND_NICE, thread_name="video-decoder")
+                    decoder_lowered = True
                 now = time.monotonic()
                 period = max(self.camera_period_s, YIELD_PERIOD_S) if self.yield_cpu() else self.camera_period_s
                 if (self.handle is None or now - last < period
                         or (self._perceive_task is not None and not self._perceive_task.done())):
-                    frame = await track.recv()
                     continue
                 last = now
                 w, h = wire_size(frame.width, frame.height)
                 i420 = frame.to_ndarray(format="yuv420p", width=w, height=h)
                 self._frames.append((now, i420))
                 self._perceive_task = self.tasks.spawn(self._perceive(i420, now))
-                frame = await track.recv()
         except MediaStreamError:
             return
 
