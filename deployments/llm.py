@@ -22,7 +22,8 @@ from models.tools import ToolCall, split_tool_calls
 # one slot the sessions' shared persona prefix kept llama.cpp from saving the others' history), and a
 # reply is generated in chunks, each continuing the text so far (llama.cpp continues an unfinished
 # assistant message): a reply's first chunk, which holds its first clause, goes before other replies'
-# later chunks and prefills. Speech plays ~3 tokens a second and one thread generates ~60,
+# later chunks and prefills, and a long prefill (a new session's persona) is processed in steps of
+# ~24 tokens (models.llm.prompt_steps) that first chunks pass. Speech plays ~3 tokens a second and one thread generates ~60,
 # so a later chunk that waits a little is never heard late.
 FIRST_CHUNK_TOKENS = 16
 NEXT_CHUNK_TOKENS = 16
@@ -126,8 +127,11 @@ class LLM:
         On the embedded backend it waits for the replies being generated."""
         backend = self._backend_for(endpoint)
         if backend is self.backend and self.turns is not None:
-            async with self.turns.hold(PREFILL):
-                return await backend.prefill(messages, tools, lead, conversation)
+            done = 0
+            for text in await backend.prefill_steps(messages, tools, lead, conversation):
+                async with self.turns.hold(PREFILL):  # a step at a time: first clauses go in between
+                    done += await backend.process_prompt(text, conversation)
+            return done
         return await backend.prefill(messages, tools, lead, conversation)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ engine on GPU (lazy import).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -67,6 +68,26 @@ def prefix_text(rendered: str) -> str:
     if cut < 0:
         raise ValueError("the chat template dropped the placeholder user message")
     return rendered[:cut]
+
+
+PREFILL_STEP_CHARS = 96  # ~24 tokens, ~0.25 s on one CPU thread: the longest a first clause waits for a prefill
+
+
+def prompt_steps(text: str, cached: str, step: int = PREFILL_STEP_CHARS) -> list[str]:
+    """Prefixes of `text` to process one after another: from where it stops sharing `cached` (what the
+    slot is known to hold), about `step` characters more each, then all of it. Each ends before a
+    space between two words, where the tokenizer splits anyway, so its tokens begin the next one's and
+    every step processes only its own new tokens."""
+    steps, at = [], len(os.path.commonprefix([text, cached])) + step
+    while at < len(text):
+        cut = text.find(" ", at)
+        while 0 < cut < len(text) - 1 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.find(" ", cut + 1)
+        if cut <= 0 or cut >= len(text) - 1:
+            break
+        steps.append(text[:cut])
+        at = cut + step
+    return [*steps, text]
 
 
 def with_next_user(messages: list[Message], lead: str = "") -> list[Message]:
@@ -211,6 +232,7 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         self.tool_mode = tool_mode
         self.n_parallel = n_parallel  # llama.cpp slots, each keeping one conversation's prompt cache
         self._slots: OrderedDict[str, int] = OrderedDict()  # conversation -> its slot, least recent first
+        self._prefilled: dict[int, str] = {}  # slot -> the last prefix a prefill processed into it
         self._router: ToolRouter | None = None
         self._recall = None
         self.recall = recall
@@ -304,7 +326,7 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         if len(self._slots) < self.n_parallel:
             slot = len(self._slots)
         else:
-            slot = self._slots.popitem(last=False)[1]
+            slot = self._slots.popitem(last=False)[1]  # its cache keeps what the two share (a persona)
         self._slots[conversation] = slot
         return slot
 
@@ -320,14 +342,38 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         """llama.cpp's own endpoints: the server's chat template renders the conversation with a
         placeholder next user message, the text before the placeholder is processed with no token
         generated (`n_predict: 0`) into the slot's cache, which the next chat request then reuses."""
+        return sum([await self.process_prompt(text, conversation)
+                    for text in await self.prefill_steps(messages, tools, lead, conversation)])
+
+    async def prefill_steps(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
+                            conversation: str | None = None) -> list[str]:
+        """The prefill as `prompt_steps` (`process_prompt` each in turn): a caller that serves several
+        sessions lets a reply go between two steps of a long prefill (a new session's persona)."""
         root = self.base_url.removesuffix("/v1")
         chat = with_next_user(self.chat(messages, tools), lead)
         rendered = await self._client.post(f"{root}/apply-template", json={"messages": chat})
         rendered.raise_for_status()
-        done = await self._client.post(f"{root}/completion", json={
-            "prompt": prefix_text(rendered.json()["prompt"]), "n_predict": 0, "cache_prompt": True,
-            "id_slot": self.slot_for(conversation)})
+        text = prefix_text(rendered.json()["prompt"])
+        if conversation is None:  # llama.cpp picks the slot: what it holds is not known
+            return [text]
+        # A step shorter than what the slot holds of `text` would drop the rest from its cache, to be read
+        # again: the steps start after what it is known to hold, and after the last reply, which the
+        # chat request that generated it left in the cache.
+        held = os.path.commonprefix([text, self._prefilled.get(self.slot_for(conversation), "")])
+        replies = [m["content"] for m in messages if m["role"] == "assistant" and m.get("content")]
+        if replies and (at := text.rfind(replies[-1])) >= 0:
+            held = max(held, text[:at + len(replies[-1])], key=len)
+        return prompt_steps(text, held)
+
+    async def process_prompt(self, text: str, conversation: str | None = None) -> int:
+        """Process `text` into the conversation's slot with no token generated; returns the tokens read
+        (what the slot's cache did not hold)."""
+        slot = self.slot_for(conversation)
+        done = await self._client.post(f"{self.base_url.removesuffix('/v1')}/completion", json={
+            "prompt": text, "n_predict": 0, "cache_prompt": True, "id_slot": slot})
         done.raise_for_status()
+        if slot >= 0:
+            self._prefilled[slot] = text
         return int(done.json().get("timings", {}).get("prompt_n", 0))
 
     def warmup(self) -> None:
@@ -594,15 +640,25 @@ def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> 
     return f"{system}\n\nFacts:\n{facts}\n\n{GROUNDING_RULES}"
 
 
-_CAMERA_NOTE = "\n\n(Seen on camera: "
+_SEEN_OPEN, _NOTE_CLOSE = "(Seen on camera: ", ")\n\n"  # how the user looks: the start of their message
+_HEARD_NOTE = "\n\n(As they spoke: "  # how they said it: after their words
 _PASSAGES_OPEN, _PASSAGES_CLOSE = "(From the documents:\n", ")\n\n"  # passages are one line each
 
 
+def seen_lead(seen: str | None) -> str:
+    """How a user message opens with what the camera shows ("" for nothing to tell): before the knowledge
+    block and the words, so that it is in the prompt cache before the user has finished speaking."""
+    return f"{_SEEN_OPEN}{seen}{_NOTE_CLOSE}" if seen else ""
+
+
 def user_words(content: str) -> str:
-    """The user's own words in a user message built by `build_messages` (no passages, no camera note)."""
+    """The user's own words in a user message built by `build_messages` (no camera note, no passages,
+    no note on their voice)."""
+    if content.startswith(_SEEN_OPEN):
+        content = content.split(_NOTE_CLOSE, 1)[-1]
     if content.startswith(_PASSAGES_OPEN):
         content = content.split(_PASSAGES_CLOSE, 1)[-1]
-    return content.split(_CAMERA_NOTE, 1)[0]
+    return content.split(_HEARD_NOTE, 1)[0]
 
 
 def system_facts(system: str) -> list[str]:
@@ -624,18 +680,20 @@ def knowledge_block(passages: list[str], closed: bool = True) -> str:
     return body + _PASSAGES_CLOSE if closed else body
 
 
-def build_messages(system_prompt: str, context: str, history: list[Message], perception: str | None = None,
-                   max_history: int | None = None, grounded: bool = True, knowledge: str = "") -> list[Message]:
+def build_messages(system_prompt: str, context: str, history: list[Message], seen: str | None = None,
+                   heard: str | None = None, max_history: int | None = None, grounded: bool = True,
+                   knowledge: str = "") -> list[Message]:
     """The chat the LLM sees: persona + conversational context as grounded facts, then the given turns
     (callers choose the window with `context_start`; `max_history` only bounds it).
 
-    The prompt has a stable prefix and a volatile tail: what changes every turn (`perception`, what
-    the user looks like now) is appended to the last user message, after the history, never to the
-    system message, so the server's prompt cache keeps everything before it."""
+    The prompt has a stable prefix and a volatile tail: what changes every turn is in the last user
+    message, after the history, never in the system message, so the server's prompt cache keeps
+    everything before it. That message is `seen` (what the camera shows: `seen_lead`), `knowledge`
+    (retrieved passages: `knowledge_block`), the words, then `heard` (how they were said). What comes
+    before the words can be prefilled while the user speaks; only the words and `heard` are read after."""
     turns = history if max_history is None else history[-max_history:]
     messages = [{"role": "system", "content": grounded_system(system_prompt, context, grounded)}, *turns]
-    if knowledge and messages[-1]["role"] == "user":
-        messages[-1] = {"role": "user", "content": knowledge + messages[-1]["content"]}
-    if perception and messages[-1]["role"] == "user":
-        messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}{_CAMERA_NOTE}{perception})"}
+    if messages[-1]["role"] == "user" and (seen or knowledge or heard):
+        note = f"{_HEARD_NOTE}{heard})" if heard else ""
+        messages[-1] = {"role": "user", "content": seen_lead(seen) + knowledge + messages[-1]["content"] + note}
     return messages

@@ -131,14 +131,14 @@ def test_smile_against_the_users_resting_face(analyzer, faces):
     assert track.emotion()[0] == "neutral"
     neutral_text = fuse(track, 1.0).visual
     assert neutral_text == "The user looks calm, looking at you."
-    assert not fuse(track, 1.0).notable  # the everyday look: nothing to tell the LLM
+    assert not fuse(track, 1.0).notable and not fuse(track, 1.0).visual_notable  # the everyday look: nothing to tell
     for i in range(6):
         track.add(1.0 + i * 0.25, analyzer.analyse([faces["joy"]])[0])
     emotion, conf = track.emotion()
     assert emotion == "joy" and conf > 0.45
     state = fuse(track, 2.5)
     assert state.visual == "The user is smiling and looks happy, looking at you." and state.valence > 0.3
-    assert state.notable
+    assert state.notable and state.visual_notable and state.incongruence == ""
     # The camera goes dark: the user is no longer visible after the attention window.
     for i in range(10):
         track.add(2.5 + i * 0.25, FaceObservation(present=False))
@@ -157,11 +157,13 @@ def test_sentiment_and_incongruence():
     state = fuse(track, 2.0, words=sentiment("I'm fine, really, everything is great."))
     assert state.emotion == "sadness" and state.incongruent
     assert "say something positive but look sad" in state.description
+    assert state.incongruence.startswith("They say something positive but look sad") and state.visual_notable
     # Hesitant voice with positive words, face not visible.
     hesitant = Prosody(2.0, 120.0, 2.0, 0.0, -30.0, 2.2, 3, 0.45, 2)
     state = fuse(None, 2.0, voice=hesitant, voice_text="The user spoke slowly and hesitantly.",
                  words=sentiment("Yes, that sounds good."))
     assert state.incongruent and "voice sounds hesitant" in state.description
+    assert state.incongruence == "Their words are positive but their voice sounds hesitant."
     assert state.description.startswith("The user is not visible on camera. The user spoke slowly")
     from models.perception.prosody import remarkable
 

@@ -76,16 +76,16 @@ def test_a_second_sessions_first_clause_goes_before_the_first_ones_rest(llm_depl
 
     llm = llm_deployment
     calls: list[str] = []
-    real_stream, real_prefill = llm.backend.stream, llm.backend.prefill
+    real_stream, real_prefill = llm.backend.stream, llm.backend.process_prompt
 
     def stream(messages, params, tools=None):  # the real backend, its calls recorded in order
         who = "A" if "Saturdays" in messages[1]["content"] else "B"
         calls.append(f"{who}-{'rest' if messages[-1]['role'] == 'assistant' else 'first'}")
         return real_stream(messages, params, tools)
 
-    async def prefill(messages, tools=None, lead="", conversation=None):
+    async def prefill(text, conversation=None):
         calls.append("prefill")
-        return await real_prefill(messages, tools, lead, conversation)
+        return await real_prefill(text, conversation)
 
     other = [MESSAGES[0], {"role": "user", "content": "Where can I park my car?"}]
     params = GenerationParams(max_tokens=48, temperature=0.0)
@@ -107,11 +107,11 @@ def test_a_second_sessions_first_clause_goes_before_the_first_ones_rest(llm_depl
         warm = asyncio.create_task(llm.prefill(MESSAGES[:1]))
         return await asyncio.gather(a, b, warm)
 
-    llm.backend.stream, llm.backend.prefill = stream, prefill
+    llm.backend.stream, llm.backend.process_prompt = stream, prefill
     try:
         text_a, text_b, warmed = asyncio.run(run())
     finally:
-        llm.backend.stream, llm.backend.prefill = real_stream, real_prefill
+        llm.backend.stream, llm.backend.process_prompt = real_stream, real_prefill
     assert text_a.strip() and text_b.strip()
     assert calls[:2] == ["A-first", "B-first"] and "A-rest" in calls and "B-rest" in calls, calls
     assert calls.index("prefill") > calls.index("B-first") and warmed is not None
@@ -144,3 +144,62 @@ def test_each_conversation_keeps_its_own_slot():
     # Second turns: the history (system, question, answer) came from the cache; only the new question
     # (and the template's few tokens around it) was read.
     assert all(s.processed <= 20 and s.cached > 40 for s in stats[2:]), stats
+
+
+def test_prompt_steps_cut_between_words_after_what_the_slot_holds():
+    from models.llm import prompt_steps
+
+    text = "<|im_start|>system\nYou are Anna.  " + " ".join(f"word{i}" for i in range(80)) + "\n<|im_start|>user\n"
+    cached = text[:120] + "something else"
+    steps = prompt_steps(text, cached, step=40)
+    assert steps[-1] == text and all(text.startswith(s) for s in steps)
+    assert len(steps[0]) >= 120 + 40 and len(steps) > 5
+    for a, b in zip(steps[:-1], steps[1:], strict=True):
+        assert text[len(a)] == " " and not text[len(a) - 1].isspace() and not text[len(a) + 1].isspace()
+        if b is not text:  # the last step takes the rest, which is shorter than a step past the last cut
+            assert 40 <= len(b) - len(a) <= 40 + len("word00 ")
+        else:
+            assert len(b) - len(a) <= 2 * 40 + len("word00 ")
+    assert prompt_steps(text, text, step=40) == [text]  # all cached: one request that reads nothing
+    assert prompt_steps("short", "", step=40) == ["short"]
+
+
+def test_a_long_prefill_goes_in_steps_that_a_first_clause_passes(llm_deployment):
+    """A new session's persona (~300 tokens) is prefilled in ~24-token steps: another session's first
+    chunk waits for one step, not the whole prefill; and the steps leave the slot's cache exactly as one
+    request would (the reply then reads only its message)."""
+    from models.llm import GenerationParams, PromptStats
+
+    llm = llm_deployment
+    facts = " ".join(f"Fact {i}: the clinic's room {i} is on floor {i % 4} and opens at {8 + i % 3} am." for i in range(20))
+    persona = [{"role": "system", "content": "You are Anna, the receptionist. " + facts}]
+    order: list[str] = []
+    real = llm.backend.process_prompt
+
+    async def process(text, conversation=None):
+        order.append("step")
+        return await real(text, conversation)
+
+    async def run():
+        warm = asyncio.create_task(llm.prefill(persona, None, None, "", "long"))
+        while not order:
+            await asyncio.sleep(0.005)
+        first = None
+        async for p in llm.stream(MESSAGES, GenerationParams(max_tokens=4, temperature=0.0)):
+            if first is None and isinstance(p, str):
+                first = len(order)
+        n = await warm
+        stats = None
+        async for p in llm.stream([*persona, {"role": "user", "content": "Hello?"}],
+                                  GenerationParams(max_tokens=2, temperature=0.0, report_prompt=True, conversation="long")):
+            stats = p if isinstance(p, PromptStats) else stats
+        return first, n, stats
+
+    llm.backend.process_prompt = process
+    try:
+        first, n, stats = asyncio.run(run())
+    finally:
+        llm.backend.process_prompt = real
+    assert n > 250 and len(order) >= 8
+    assert first is not None and first <= 2, (first, len(order))  # in after the first step, not the whole prefill
+    assert stats is not None and stats.processed <= 12, stats  # the stepped prefill is the reply's cache

@@ -217,6 +217,7 @@ def test_prompt_prefix_is_stable_while_perception_changes():
     """Persona, context and history stay byte-identical from turn to turn; what the user looks like
     (changing every turn) only ever appears in the last message, after the history; the prefix the
     session prefills (`LLMContext.prefix`) is exactly what the next reply's prompt starts with."""
+    from models.llm import seen_lead, user_words
     from serve_app.session.context import LLMContext
 
     def render(messages: list[dict]) -> str:  # a ChatML-like template, as llama.cpp applies one
@@ -230,10 +231,14 @@ def test_prompt_prefix_is_stable_while_perception_changes():
     previous, jumps = None, 0
     for i in range(24):
         prefix = ctx.prefix()
-        msgs = ctx.messages(f"Question {i}?", perception=looks[i % 3])
+        msgs = ctx.messages(f"Question {i}?", seen=looks[i % 3], heard="They spoke quickly.")
         assert msgs[0]["content"] == system
         assert msgs[:-1] == prefix and render(msgs).startswith(render(prefix))
-        assert all(look not in m["content"] for m in msgs[:-1] for look in looks) and looks[i % 3] in msgs[-1]["content"]
+        assert all(look not in m["content"] for m in msgs[:-1] for look in looks)
+        # The look opens the message (prefilled while the user speaks), how they spoke follows the words.
+        last = msgs[-1]["content"]
+        assert last.startswith(seen_lead(looks[i % 3])) and last.endswith("They spoke quickly.)")
+        assert user_words(last) == f"Question {i}?"
         said_before = render(previous[:-1] + [{"role": "user", "content": f"Question {i - 1}?"}]) if previous else ""
         if previous is not None and not render(msgs).startswith(said_before):
             jumps += 1  # the history window moved on (rarely: see context_start)
@@ -273,6 +278,42 @@ def test_the_prompt_prefix_is_prefilled_when_it_changes():
         s.prefill.request()
         await asyncio.sleep(0.2)
         assert s.prefill.tokens == [1, 3, 3] and len(models.prefills) == 3
+        player.cancel()
+        await s.close()
+
+    asyncio.run(run())
+
+
+def test_the_users_look_is_prefilled_while_they_speak_and_opens_the_reply_prompt():
+    """What the camera shows is taken as the user begins to speak and prefilled at the start of their next
+    message; the reply's prompt opens with exactly that note (so the LLM reads only the words after it),
+    how they spoke follows the words, and the history keeps the words alone."""
+    from models.llm import seen_lead
+
+    models = Models(reply="We open at nine.", clause_s=0.3)
+    looks = {"now": "The user looks sad, looking at you."}
+
+    async def run():
+        s = make_session(models)
+        s.perceiver.llm_seen = lambda: looks["now"]
+        s.reply_parts.heard_text = lambda: "They spoke quickly."
+        player = asyncio.ensure_future(play_audio(s))
+        s.prefill.request()
+        await asyncio.wait_for(_until(lambda: len(models.prefills) == 1), 2)
+        assert models.prefill_leads == [""]
+        await speak(s.listener.feed, 0.5)
+        assert models.prefill_leads[-1] == seen_lead(looks["now"])  # cached before the user finished
+        prefilled = len(models.prefills)
+        looks["now"] = "The user is smiling and looks happy, looking at you."  # changes while they speak
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        prompt = models.prompts[0][-1]["content"]
+        heard = "\n\n(As they spoke: They spoke quickly.)"
+        assert prompt == seen_lead("The user looks sad, looking at you.") + "What time do you open?" + heard
+        assert len(models.prefills) >= prefilled and s.context.history[0]["content"] == "What time do you open?"
+        # After the reply, the look now opens the next message's prefill.
+        await asyncio.wait_for(_until(lambda: models.prefill_leads[-1] == seen_lead(looks["now"])), 2)
+        assert models.prefills[-1] == s.context.prefix()
         player.cancel()
         await s.close()
 

@@ -147,6 +147,8 @@ class PerceptionState:
     # Worth telling the LLM: anything but the everyday calm, attentive look (an emotion, looking away,
     # absent, eyes closed, words and face disagreeing). The voice's part is judged by the session.
     notable: bool
+    visual_notable: bool = False  # the face alone is worth telling (the LLM reads `visual` then)
+    incongruence: str = ""  # the sentence saying how words, face and voice disagree ("" when they do not)
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -201,12 +203,12 @@ def fuse(track: VisualTrack | None, now: float, voice: Prosody | None = None, vo
             and (voice.fillers >= 2 or voice.pause_ratio > 0.35) and voice.syllables_per_s < 3.0):
         incongruent = True
         parts.append("Their words are positive but their voice sounds hesitant.")
-    everyday = (visible and att["looking"] >= 0.6 and not att["eyes_closed"] and not incongruent
-                and (emotion == "neutral" or conf < 0.45))
+    everyday_look = visible and att["looking"] >= 0.6 and not att["eyes_closed"] and (emotion == "neutral" or conf < 0.45)
     return PerceptionState(t=now, visible=visible, emotion=emotion, confidence=conf, valence=float(np.clip(valence, -1, 1)),
                            arousal=float(np.clip(arousal, 0, 1)), attention=float(att["looking"]),
                            eyes_closed=bool(att["eyes_closed"]), incongruent=incongruent, visual=parts[0],
-                           description=" ".join(parts), notable=not everyday)
+                           description=" ".join(parts), notable=incongruent or not everyday_look,
+                           visual_notable=not everyday_look, incongruence=parts[-1] if incongruent else "")
 
 
 @dataclass

@@ -39,12 +39,14 @@ class LLMContext:
     def add_assistant(self, text: str) -> None:
         self.history.append({"role": "assistant", "content": text})
 
-    def messages(self, user_text: str, perception: str | None = None, knowledge: str = "") -> list[Message]:
+    def messages(self, user_text: str, seen: str | None = None, heard: str | None = None,
+                 knowledge: str = "") -> list[Message]:
         """The chat for a reply to `user_text` (not yet in the history: it enters once the turn is
-        confirmed, as this chat's last message). `knowledge`: the turn's retrieved passages
-        (models.llm.knowledge_block), at the start of that message."""
+        confirmed, as this chat's last message). `seen`: what the camera showed (the prefilled note);
+        `knowledge`: the turn's retrieved passages (models.llm.knowledge_block); both open that message.
+        `heard`: how the user spoke, after the words."""
         return build_messages(self.system_prompt, self._context(), self._window() + [{"role": "user", "content": user_text}],
-                              perception=perception, grounded=self.grounded, knowledge=knowledge)
+                              seen=seen, heard=heard, grounded=self.grounded, knowledge=knowledge)
 
     def said(self) -> list[str]:
         """What the avatar has said in the conversation (replies do not end on a sentence said before)."""

@@ -71,6 +71,7 @@ class Perceiver:
         self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames (I420)
         self._perceive_task: asyncio.Task | None = None
         self._snapshot_at = 0.0
+        self.camera = False  # the user sends video (without it, "not visible on camera" is no news)
 
     # --- camera ----------------------------------------------------------------------------------
     async def run(self, track) -> None:
@@ -78,6 +79,7 @@ class Perceiver:
         (one a second while a reply is prepared: the reply path comes first)."""
         last = -1e9
         decoder_lowered = False
+        self.camera = True
         try:
             while True:
                 frame = await track.recv()
@@ -159,15 +161,26 @@ class Perceiver:
             self._snapshot_at = now
             self.emit(Event.PERCEPTION_SNAPSHOT, **self.log.summary())
 
-    def llm_description(self) -> str | None:
-        """What the LLM is told about the user for a reply (persona: layers.perception.llm_context):
-        nothing while they look and sound as anyone does (calm, attentive, an even voice). Every word
-        of it is prompt the LLM reads after the user stops speaking (~25 ms a token for the CPU
-        profile's model), and a note that says nothing is noise to a small model."""
+    def llm_seen(self) -> str | None:
+        """What the LLM is told the user looks like (persona: layers.perception.llm_context), at the start of
+        their message: nothing for the everyday calm, attentive look (a note that says nothing is noise to
+        a small model). It depends on the camera alone, so the session puts it in the prompt cache while
+        the user is still speaking (`PromptPrefill.seen`)."""
         state = self.state
-        if not self.in_llm or state is None or not (state.notable or self._voice_notable):
+        if not self.in_llm or not self.camera or state is None or not state.visual_notable:
             return None
-        return state.description
+        return state.visual
+
+    def llm_heard(self) -> str | None:
+        """What the LLM is told about how the user just spoke, after their words: the voice, when it was
+        remarkable, and words that disagree with the face or voice. It needs the utterance itself, so it
+        is prompt the reply reads (~10 ms a token for the CPU profile's model): only when there is
+        something to say."""
+        state = self.state
+        if not self.in_llm:
+            return None
+        parts = [self._voice_text if self._voice_notable else None, state.incongruence if state is not None else None]
+        return " ".join(p for p in parts if p) or None
 
     def utterance_fields(self, voice: Prosody | None) -> dict:
         """The perception fields of a user utterance event."""

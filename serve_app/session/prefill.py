@@ -4,7 +4,9 @@ On a CPU, processing the prompt is most of the time to first token (~10 ms a tok
 thread, ~25 ms for a 0.5B model): a reply that had to read the whole persona, the facts and the history
 would wait seconds. So whenever the conversation's prefix changes (the session starts, a reply ends,
 the client changes the context), the session asks the LLM to process that prefix now, while the user
-is still listening or speaking; the reply then reads only the user's new message.
+is still listening or speaking; the reply then reads only the user's new message. What the camera
+shows (`seen`, the user's look when the reply ended or when they began to speak) opens that message,
+so it is prefilled too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from models.llm import seen_lead
 from serve_app.session.context import LLMContext
 from serve_app.session.tasks import Tasks
 
@@ -34,6 +37,7 @@ class PromptPrefill:
         self._task: asyncio.Task | None = None
         self._again = False
         self.lead = ""  # how the next user message starts (its knowledge block), cached with the prefix
+        self.seen = ""  # what the camera shows, before the lead: the next reply's note (see `see`)
         self.cached_lead: str | None = None  # the lead of the last prefill that completed (None: one is running)
         self.warms: bool | None = None  # the backend keeps a cache this warms (None: no prefill answered yet)
 
@@ -46,6 +50,14 @@ class PromptPrefill:
             self._again = True
             return
         self._task = self.tasks.spawn(self._run())
+
+    def see(self, seen: str | None) -> bool:
+        """What the user looks like now: the next user message opens with it. It stays until the next
+        call, so every prefill and the reply of one utterance read the same note. True when it changed
+        (the caller requests a prefill)."""
+        changed = (seen or "") != self.seen
+        self.seen = seen or ""
+        return changed
 
     async def warm(self, lead: str) -> bool:
         """Prefill with `lead` and wait for it: True when the cache then holds the prefix and `lead`
@@ -64,7 +76,8 @@ class PromptPrefill:
             messages, lead = self.context.prefix(), self.lead
             self.cached_lead = None
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, lead, self.conversation)
+                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, seen_lead(self.seen) + lead,
+                                                  self.conversation)
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return

@@ -68,7 +68,8 @@ class ReplyParts:
     context: LLMContext
     emit: Callable[..., None]
     tasks: Tasks
-    perception_text: Callable[[], str | None]  # what the LLM is told about the user now, if anything
+    seen_text: Callable[[], str | None]  # what the LLM is told the user looks like (the prefilled note), if anything
+    heard_text: Callable[[], str | None]  # what it is told about how they just spoke, if anything
     on_finished: Callable[[Reply], None]
     health: StageHealth  # tells a dead stage from a slow one
     holding: Callable[[], SpeechResult | None]  # the holding phrase's audio, if synthesised yet
@@ -170,12 +171,12 @@ class Reply:
         await self.finished.wait()
 
     async def _clauses_from_llm(self, out: asyncio.Queue) -> None:
-        self.llm_perception = self.parts.perception_text()
+        seen, heard = self.parts.seen_text(), self.parts.heard_text()
+        self.llm_perception = " ".join(x for x in (seen, heard) if x) or None
         if self.parts.retrieve is not None:
             self.passages = await self.parts.retrieve(self.user_text)
             self.mark("retrieval")
-        messages = self.parts.context.messages(self.user_text, self.llm_perception,
-                                               self.passages.block if self.passages else "")
+        messages = self.parts.context.messages(self.user_text, seen, heard, self.passages.block if self.passages else "")
         tools = self.parts.tools
         try:
             for round_ in range(MAX_TOOL_ROUNDS + 1):

@@ -86,7 +86,8 @@ class Session:
                           if handles.knowledge is not None and spec.document_ids else None)
         self.reply_parts = ReplyParts(handles.llm, handles.tts, settings, persona.layers.tts.speed,
                                       self.playout, self.animator, self.context, self.emit, self.tasks,
-                                      self.perceiver.llm_description, self._reply_finished, handles.health,
+                                      lambda: self.prefill.seen or None, self.perceiver.llm_heard,
+                                      self._reply_finished, handles.health,
                                       self.holding.get, self.tools, self.knowledge.for_turn if self.knowledge else None)
         self.control = Control(self, self.context, self.tell_client, spec.grants, on_context_change=self.prefill.request)
         self.transport = Transport(spec.ice_servers, self._on_track, self.control.on_message)
@@ -201,6 +202,8 @@ class Session:
     def on_user_started(self) -> None:
         if self.knowledge is not None:
             self.knowledge.new_utterance()
+        if self.prefill.see(self.perceiver.llm_seen()):  # their look as they begin: cached while they speak
+            self.prefill.request()
         self.emit(Event.USER_STARTED)
 
     def on_partial(self, text: str) -> None:
@@ -281,7 +284,9 @@ class Session:
     def _reply_finished(self, reply: Reply) -> None:
         if self.reply is reply:
             self.reply = None
-        # What was heard joins the cached prefix while the user answers (with their next passages, if known).
+        # What was heard joins the cached prefix while the user answers (with their look now and their next
+        # passages, if known).
+        self.prefill.see(self.perceiver.llm_seen())
         self.prefill.request(lead=self.knowledge.pending_lead() if self.knowledge is not None else None)
 
     def _on_segment_start(self, seg: Segment) -> None:
