@@ -93,12 +93,16 @@ def piper_voice() -> tuple[Path, Path]:
     )
 
 
-def onnx_session(path: Path, threads: int = 1):
-    """An ONNX Runtime CPU session with one intra-op thread (threads that spin fight on 2 cores)."""
+def onnx_session(path: Path | bytes, threads: int = 1, spin: bool = True):
+    """An ONNX Runtime CPU session, by default with one intra-op thread (threads that spin fight on 2
+    cores); `spin=False`: idle threads sleep between ops. `path` may be a model's serialized bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])

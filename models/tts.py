@@ -6,12 +6,14 @@ piper-tts and espeak-ng are GPL-3.0: they stay behind this interface so another 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from models.assets import piper_voice
+from models.assets import onnx_session, piper_voice
 
 
 @dataclass
@@ -53,6 +55,16 @@ def words_from_phonemes(text: str, phonemes: list[tuple[str, float, float]], dur
     return [(w, float(edges[i]), float(edges[i + 1])) for i, w in enumerate(words)]
 
 
+def with_alignments(model: Path) -> bytes:
+    """The voice model with its phoneme-alignment output exposed (piper's own patch, in memory)."""
+    import onnx
+    from piper.patch_voice_with_alignment import add_alignment_output
+
+    graph = onnx.load(str(model))
+    add_alignment_output(graph)
+    return graph.SerializeToString()
+
+
 class PiperTTS:
     """piper VITS voice on ONNX Runtime (one thread)."""
 
@@ -61,9 +73,18 @@ class PiperTTS:
         """`sampled`: VITS samples each take (pitch and timing vary a little, as a person's do); False
         gives the same audio for the same text every time (measurements that compare takes)."""
         from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
 
         model, config = (model_path, config_path) if model_path else piper_voice()
-        self._voice = PiperVoice.load(str(model), config_path=str(config), use_cuda=use_cuda, include_alignments=True)
+        if use_cuda:
+            self._voice = PiperVoice.load(str(model), config_path=str(config), use_cuda=True, include_alignments=True)
+        else:
+            # PiperVoice.load gives ONNX Runtime its default threads, which spin between ops: beside the
+            # LLM and the session host on 2 cores a first clause took ~3x as long as alone (p50 425 ms
+            # against 120). Two threads that sleep when idle: as fast alone, ~25 % faster beside two
+            # busy threads than the default or one thread (~300 / 240 / 240 ms for a 2 s clause).
+            self._voice = PiperVoice(config=PiperConfig.from_dict(json.loads(Path(config).read_text())),
+                                     session=onnx_session(with_alignments(Path(model)), threads=2, spin=False))
         self._syn = SynthesisConfig(length_scale=length_scale)
         if not sampled:
             self._syn.noise_scale, self._syn.noise_w_scale = 0.0, 0.0

@@ -251,6 +251,7 @@ class Session:
         """Reply to text as if the user had said it (conversation.respond)."""
         self.turns += 1
         self.emit(Event.UTTERANCE, role="user", speech=text)
+        self.prefill.see(self.perceiver.llm_seen())  # no utterance began it: their look as it arrives
         self._start_reply(user_text=text, turn_index=self.turns)
 
     def tool_result(self, tool_call_id: str, result: Any) -> bool:
