@@ -106,19 +106,24 @@ class PriorityLock:
 
     def __init__(self) -> None:
         self._held = False
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._waiters: list[tuple[int, int, int, asyncio.Future]] = []
         self._order = itertools.count()
 
     @property
     def waiting(self) -> int:
         return sum(1 for *_, f in self._waiters if not f.done())
 
-    async def acquire(self, priority: int) -> None:
+    def ticket(self) -> int:
+        """A place in the arrival order, for a job of several turns that keeps its place (`hold(order=)`)."""
+        return next(self._order)
+
+    async def acquire(self, priority: int, order: int | None = None) -> None:
         if not self._held and not self.waiting:
             self._held = True
             return
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority, next(self._order), fut))
+        ticket = self.ticket()
+        heapq.heappush(self._waiters, (priority, ticket if order is None else order, ticket, fut))
         try:
             await fut  # release() hands the lock over: it stays held
         except asyncio.CancelledError:
@@ -135,8 +140,8 @@ class PriorityLock:
         self._held = False
 
     @asynccontextmanager
-    async def hold(self, priority: int) -> AsyncIterator[None]:
-        await self.acquire(priority)
+    async def hold(self, priority: int, order: int | None = None) -> AsyncIterator[None]:
+        await self.acquire(priority, order)
         try:
             yield
         finally:

@@ -27,7 +27,7 @@ from models.tools import ToolCall, split_tool_calls
 # so a later chunk that waits a little is never heard late.
 FIRST_CHUNK_TOKENS = 16
 NEXT_CHUNK_TOKENS = 16
-REPLY_FIRST, REPLY_REST, PREFILL = 0, 1, 1  # a prefill (a new session's persona, a history) waits its turn
+REPLY_FIRST, REPLY_REST, PREFILL = 0, 1, 2  # a prefill (a new session's persona, a history) waits for replies
 
 
 def make_backend(kind: str, **kw):
@@ -127,10 +127,16 @@ class LLM:
         On the embedded backend it waits for the replies being generated."""
         backend = self._backend_for(endpoint)
         if backend is self.backend and self.turns is not None:
-            done = 0
-            for text in await backend.prefill_steps(messages, tools, lead, conversation):
-                async with self.turns.hold(PREFILL):  # a step at a time: first clauses go in between
-                    done += await backend.process_prompt(text, conversation)
+            # A step at a time: first clauses go in between. The steps keep the prefill's place, so one
+            # session's prefill ends before the next one's starts, which is planned when its turn comes:
+            # a persona another session has just read is then restored, not read again.
+            order = self.turns.ticket()
+            async with self.turns.hold(PREFILL, order):
+                steps = await backend.prefill_steps(messages, tools, lead, conversation)
+                done = await backend.process_step(steps[0])
+            for step in steps[1:]:
+                async with self.turns.hold(PREFILL, order):
+                    done += await backend.process_step(step)
             return done
         return await backend.prefill(messages, tools, lead, conversation)
 

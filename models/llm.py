@@ -7,9 +7,15 @@ engine on GPU (lazy import).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -23,6 +29,8 @@ from models.assets import embedded_llm
 from models.http_body import capped_chunks
 from models.llm_stream import PromptStats, StreamEnd
 from models.tools import ToolCall, ToolRouter, as_text_format, new_call_id, read_out
+
+log = logging.getLogger("presence.llm")
 
 Message = dict  # an OpenAI chat message: role, content (and tool_calls / tool_call_id for tool turns)
 
@@ -88,6 +96,29 @@ def prompt_steps(text: str, cached: str, step: int = PREFILL_STEP_CHARS) -> list
         steps.append(text[:cut])
         at = cut + step
     return [*steps, text]
+
+
+@dataclass
+class PrefillStep:
+    """One request of a stepped prefill (EmbeddedLlamaCpp.prefill_steps)."""
+
+    text: str
+    slot: int
+    chats: int  # the slot's chat requests when the step was planned
+    last: bool
+    key: str = ""  # the persona's (persona_key)
+    restore: bool = False  # first restore the persona's saved prompt state into the slot
+    save: bool = False  # then save the slot's state as the persona's
+
+
+STATE_MIN_GAIN_CHARS = 200  # a saved state is restored only when it holds this much more of the prompt
+MAX_SAVED_STATES = 16
+
+
+def persona_key(messages: list[Message], tools: list[dict] | None) -> str:
+    """What the conversations of one persona share at the start of their prompt (a file name)."""
+    system = messages[0] if messages and messages[0]["role"] == "system" else None
+    return hashlib.sha1(json.dumps([system, tools], sort_keys=True).encode()).hexdigest()
 
 
 def with_next_user(messages: list[Message], lead: str = "") -> list[Message]:
@@ -233,6 +264,13 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         self.n_parallel = n_parallel  # llama.cpp slots, each keeping one conversation's prompt cache
         self._slots: OrderedDict[str, int] = OrderedDict()  # conversation -> its slot, least recent first
         self._prefilled: dict[int, str] = {}  # slot -> the last prefix a prefill processed into it
+        self._chats: dict[int, int] = {}  # slot -> chat requests sent to it (PrefillStep.chats)
+        # A persona's prompt state, saved once and restored into the slot of each new conversation with
+        # it: key (its system message and tools) -> the prompt text saved under `<key>.bin`.
+        self._states: OrderedDict[str, str] = OrderedDict()
+        self._slot_key: dict[int, str] = {}  # slot -> the persona whose prompt it holds
+        self._state_dir = tempfile.mkdtemp(prefix="presence-llm-states-")
+        atexit.register(shutil.rmtree, self._state_dir, True)
         self._router: ToolRouter | None = None
         self._recall = None
         self.recall = recall
@@ -246,6 +284,7 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.verbosity = 0
+        params.slot_save_path = self._state_dir + "/"  # (llama.cpp appends the file name to it)
         self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive
         super().__init__(self._server.listening_address + "/v1", model=model)
 
@@ -273,6 +312,12 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
             yield read_out(messages)
             yield StreamEnd("stop")
             return
+        slot = self.slot_for(params.conversation)
+        if slot >= 0:
+            key = persona_key(messages, tools)
+            if self._slot_key.get(slot) != key:  # a reply before its conversation's first prefill
+                await self._restore_state(key, slot)
+            self._slot_key[slot] = key
         async for piece in super().stream(messages, params, tools):
             yield piece
 
@@ -333,8 +378,9 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
     def extra_body(self, params: GenerationParams) -> dict:
         # llama.cpp's own sampling knob, and its per-slot prompt cache (the conversation prefix is reused);
         # `timings_per_token` puts the prompt's timings (cache_n, prompt_n, prompt_ms) in the first chunk.
-        return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True,
-                "id_slot": self.slot_for(params.conversation),
+        slot = self.slot_for(params.conversation)
+        self._chats[slot] = self._chats.get(slot, 0) + 1
+        return {"repeat_penalty": params.repetition_penalty, "cache_prompt": True, "id_slot": slot,
                 **({"timings_per_token": True} if params.report_prompt else {})}
 
     async def prefill(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
@@ -342,39 +388,82 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         """llama.cpp's own endpoints: the server's chat template renders the conversation with a
         placeholder next user message, the text before the placeholder is processed with no token
         generated (`n_predict: 0`) into the slot's cache, which the next chat request then reuses."""
-        return sum([await self.process_prompt(text, conversation)
-                    for text in await self.prefill_steps(messages, tools, lead, conversation)])
+        return sum([await self.process_step(step)
+                    for step in await self.prefill_steps(messages, tools, lead, conversation)])
 
     async def prefill_steps(self, messages: list[Message], tools: list[dict] | None = None, lead: str = "",
-                            conversation: str | None = None) -> list[str]:
-        """The prefill as `prompt_steps` (`process_prompt` each in turn): a caller that serves several
+                            conversation: str | None = None) -> list[PrefillStep]:
+        """The prefill as `prompt_steps` (`process_step` each in turn): a caller that serves several
         sessions lets a reply go between two steps of a long prefill (a new session's persona)."""
         root = self.base_url.removesuffix("/v1")
         chat = with_next_user(self.chat(messages, tools), lead)
         rendered = await self._client.post(f"{root}/apply-template", json={"messages": chat})
         rendered.raise_for_status()
         text = prefix_text(rendered.json()["prompt"])
-        if conversation is None:  # llama.cpp picks the slot: what it holds is not known
-            return [text]
+        slot = self.slot_for(conversation)
+        if slot < 0:  # llama.cpp picks the slot: what it holds is not known
+            return [PrefillStep(text, slot, 0, last=True)]
         # A step shorter than what the slot holds of `text` would drop the rest from its cache, to be read
         # again: the steps start after what it is known to hold, and after the last reply, which the
         # chat request that generated it left in the cache.
-        held = os.path.commonprefix([text, self._prefilled.get(self.slot_for(conversation), "")])
+        held = os.path.commonprefix([text, self._prefilled.get(slot, "")])
         replies = [m["content"] for m in messages if m["role"] == "assistant" and m.get("content")]
         if replies and (at := text.rfind(replies[-1])) >= 0:
             held = max(held, text[:at + len(replies[-1])], key=len)
-        return prompt_steps(text, held)
+        # A new conversation with a persona another one already has: its saved state is restored into
+        # the slot (~2 ms for SmolLM2's ~320-token persona, instead of ~3 s of prompt processing).
+        key = persona_key(messages, tools)
+        saved = self._states.get(key)
+        restore = saved is not None and len(os.path.commonprefix([text, saved])) > len(held) + STATE_MIN_GAIN_CHARS
+        if restore:
+            held = os.path.commonprefix([text, saved])
+        save = saved is None and not replies  # a persona's first conversation, before its first reply
+        steps = prompt_steps(text, held)
+        chats = self._chats.get(slot, 0)
+        return [PrefillStep(t, slot, chats, last=i == len(steps) - 1, key=key, restore=restore and i == 0,
+                            save=save and i == len(steps) - 1) for i, t in enumerate(steps)]
 
-    async def process_prompt(self, text: str, conversation: str | None = None) -> int:
-        """Process `text` into the conversation's slot with no token generated; returns the tokens read
-        (what the slot's cache did not hold)."""
-        slot = self.slot_for(conversation)
+    async def process_step(self, step: PrefillStep) -> int:
+        """Process a step's text into its slot with no token generated; returns the tokens read (what the
+        slot's cache did not hold). A step before the last is skipped once a chat request has used the
+        slot since it was planned: that reply's prompt read past it (processing it would cut the reply
+        from the cache), and the last step reads only what the slot lacks."""
+        if not step.last and self._chats.get(step.slot, 0) != step.chats:
+            return 0
+        if step.restore and self._chats.get(step.slot, 0) == step.chats:
+            await self._restore_state(step.key, step.slot)  # (if it fails, the step reads the prompt itself)
         done = await self._client.post(f"{self.base_url.removesuffix('/v1')}/completion", json={
-            "prompt": text, "n_predict": 0, "cache_prompt": True, "id_slot": slot})
+            "prompt": step.text, "n_predict": 0, "cache_prompt": True, "id_slot": step.slot})
         done.raise_for_status()
-        if slot >= 0:
-            self._prefilled[slot] = text
+        if step.slot >= 0:
+            self._prefilled[step.slot], self._slot_key[step.slot] = step.text, step.key
+        if step.save and step.key not in self._states:
+            await self._save_state(step.key, step.slot, step.text)
         return int(done.json().get("timings", {}).get("prompt_n", 0))
+
+    async def _restore_state(self, key: str, slot: int) -> bool:
+        if key not in self._states:
+            return False
+        restored = await self._client.post(f"{self.base_url.removesuffix('/v1')}/slots/{slot}?action=restore",
+                                           json={"filename": f"{key}.bin"})
+        if not restored.is_success:
+            log.info("prompt state restore failed: %s", restored.text[:200])
+            return False
+        self._prefilled[slot], self._slot_key[slot] = self._states[key], key
+        self._states.move_to_end(key)
+        return True
+
+    async def _save_state(self, key: str, slot: int, text: str) -> None:
+        saved = await self._client.post(f"{self.base_url.removesuffix('/v1')}/slots/{slot}?action=save",
+                                        json={"filename": f"{key}.bin"})
+        if not saved.is_success:
+            log.info("prompt state save failed: %s", saved.text[:200])
+            return
+        self._states[key] = text
+        while len(self._states) > MAX_SAVED_STATES:  # each is ~23 kB a token for SmolLM2
+            old, _ = self._states.popitem(last=False)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self._state_dir, f"{old}.bin"))
 
     def warmup(self) -> None:
         """One tiny generation so the first user turn does not pay for cold caches."""

@@ -38,11 +38,20 @@ def test_priority_lock_serves_lowest_priority_first_then_in_arrival_order():
 
 
 @pytest.fixture(scope="module")
-def llm_deployment():
+def llm_module():
     from deployments.llm import LLM
 
-    llm = LLM.func_or_class(backend="llamacpp", backend_args={"model": "smollm2-135m", "n_parallel": 1, "threads": 1})
-    return llm  # (its HTTP client belongs to the event loops the tests ran; the server ends with the process)
+    return LLM.func_or_class(backend="llamacpp", backend_args={"model": "smollm2-135m", "n_parallel": 1, "threads": 1})
+
+
+@pytest.fixture
+def llm_deployment(llm_module):
+    """The module's deployment with a new HTTP client: each test runs its own event loop, and a pooled
+    connection of the last one's does not work in the next (the server ends with the process)."""
+    import httpx
+
+    llm_module.backend._client = httpx.AsyncClient(timeout=llm_module.backend._client.timeout)
+    return llm_module
 
 
 MESSAGES = [{"role": "system", "content": "You are Anna, the receptionist of the Riverside clinic. Answer briefly."},
@@ -76,16 +85,16 @@ def test_a_second_sessions_first_clause_goes_before_the_first_ones_rest(llm_depl
 
     llm = llm_deployment
     calls: list[str] = []
-    real_stream, real_prefill = llm.backend.stream, llm.backend.process_prompt
+    real_stream, real_prefill = llm.backend.stream, llm.backend.process_step
 
     def stream(messages, params, tools=None):  # the real backend, its calls recorded in order
         who = "A" if "Saturdays" in messages[1]["content"] else "B"
         calls.append(f"{who}-{'rest' if messages[-1]['role'] == 'assistant' else 'first'}")
         return real_stream(messages, params, tools)
 
-    async def prefill(text, conversation=None):
+    async def prefill(step):
         calls.append("prefill")
-        return await real_prefill(text, conversation)
+        return await real_prefill(step)
 
     other = [MESSAGES[0], {"role": "user", "content": "Where can I park my car?"}]
     params = GenerationParams(max_tokens=48, temperature=0.0)
@@ -107,11 +116,11 @@ def test_a_second_sessions_first_clause_goes_before_the_first_ones_rest(llm_depl
         warm = asyncio.create_task(llm.prefill(MESSAGES[:1]))
         return await asyncio.gather(a, b, warm)
 
-    llm.backend.stream, llm.backend.process_prompt = stream, prefill
+    llm.backend.stream, llm.backend.process_step = stream, prefill
     try:
         text_a, text_b, warmed = asyncio.run(run())
     finally:
-        llm.backend.stream, llm.backend.process_prompt = real_stream, real_prefill
+        llm.backend.stream, llm.backend.process_step = real_stream, real_prefill
     assert text_a.strip() and text_b.strip()
     assert calls[:2] == ["A-first", "B-first"] and "A-rest" in calls and "B-rest" in calls, calls
     assert calls.index("prefill") > calls.index("B-first") and warmed is not None
@@ -174,15 +183,15 @@ def test_a_long_prefill_goes_in_steps_that_a_first_clause_passes(llm_deployment)
     facts = " ".join(f"Fact {i}: the clinic's room {i} is on floor {i % 4} and opens at {8 + i % 3} am." for i in range(20))
     persona = [{"role": "system", "content": "You are Anna, the receptionist. " + facts}]
     order: list[str] = []
-    real = llm.backend.process_prompt
+    real = llm.backend.process_step
 
-    async def process(text, conversation=None):
+    async def process(step):
         order.append("step")
-        return await real(text, conversation)
+        return await real(step)
 
     async def run():
         warm = asyncio.create_task(llm.prefill(persona, None, None, "", "long"))
-        while not order:
+        while not order and not warm.done():
             await asyncio.sleep(0.005)
         first = None
         async for p in llm.stream(MESSAGES, GenerationParams(max_tokens=4, temperature=0.0)):
@@ -195,11 +204,78 @@ def test_a_long_prefill_goes_in_steps_that_a_first_clause_passes(llm_deployment)
             stats = p if isinstance(p, PromptStats) else stats
         return first, n, stats
 
-    llm.backend.process_prompt = process
+    llm.backend.process_step = process
     try:
         first, n, stats = asyncio.run(run())
     finally:
-        llm.backend.process_prompt = real
+        llm.backend.process_step = real
     assert n > 250 and len(order) >= 8
     assert first is not None and first <= 2, (first, len(order))  # in after the first step, not the whole prefill
     assert stats is not None and stats.processed <= 12, stats  # the stepped prefill is the reply's cache
+
+
+def test_prefill_steps_a_reply_has_read_past_are_skipped(llm_deployment):
+    """A reply that comes while its conversation's persona is half prefilled reads the rest itself; the
+    prefill's later steps are then skipped (processing them would cut the reply from the slot's cache
+    and read the persona again), and the next reply reads only its own message."""
+    from models.llm import GenerationParams, PromptStats
+
+    backend = llm_deployment.backend
+    facts = " ".join(f"Note {i}: desk {i} of the lab is in hall {i % 5} and closes at {4 + i % 3} pm." for i in range(20))
+    persona = [{"role": "system", "content": "You are Ben, the lab's assistant. " + facts}]
+    asked = [*persona, {"role": "user", "content": "Where is desk 3?"}]
+
+    async def reply(messages):
+        stats, text = None, ""
+        async for p in backend.stream(messages, GenerationParams(max_tokens=6, temperature=0.0, report_prompt=True,
+                                                                 conversation="stale")):
+            stats = p if isinstance(p, PromptStats) else stats
+            text += p if isinstance(p, str) else ""
+        return stats, text
+
+    async def run():
+        steps = await backend.prefill_steps(persona, conversation="stale")
+        early = [await backend.process_step(s) for s in steps[:3]]
+        first, text = await reply(asked)
+        late = [await backend.process_step(s) for s in steps[3:]]
+        history = [*asked, {"role": "assistant", "content": text}]
+        after = sum([await backend.process_step(s) for s in await backend.prefill_steps(history, conversation="stale")])
+        second, _ = await reply([*history, {"role": "user", "content": "Thanks!"}])
+        return steps, early, first, late, after, second
+
+    steps, early, first, late, after, second = asyncio.run(run())
+    assert len(steps) >= 8 and all(n > 0 for n in early)
+    assert first.processed > 150  # the reply read the persona's unprefilled rest
+    assert late[:-1] == [0] * (len(late) - 1) and late[-1] <= 3, late  # skipped; the last read next to nothing
+    assert after <= 30 and second.processed <= 12, (after, second)  # the first reply stayed in the cache
+
+
+def test_a_new_conversation_with_a_known_persona_restores_its_saved_prompt_state():
+    """The first conversation with a persona saves the slot's prompt state after its persona prefill; the
+    next one, in another slot, restores it (llama.cpp's slot save/restore) instead of reading the
+    persona again, and its reply reads only its own message. Another persona reads its own."""
+    from models.llm import EmbeddedLlamaCpp, GenerationParams, PromptStats
+
+    backend = EmbeddedLlamaCpp(n_parallel=2)
+    facts = " ".join(f"Item {i}: shelf {i} of the shop holds size {i % 6} shoes at {20 + i} dollars." for i in range(20))
+    persona = [{"role": "system", "content": "You are Cleo, the shop's assistant. " + facts}]
+    other = [{"role": "system", "content": "You are Dan, the gym's coach. " + facts.replace("shoes", "weights")}]
+
+    async def run():
+        counts = {}
+        for conversation, messages in (("first", persona), ("second", persona), ("third", other)):
+            steps = await backend.prefill_steps(messages, conversation=conversation)
+            counts[conversation] = (steps[0].restore, sum([await backend.process_step(s) for s in steps]))
+        stats = None
+        async for p in backend.stream([*persona, {"role": "user", "content": "Hi!"}],
+                                      GenerationParams(max_tokens=2, temperature=0.0, report_prompt=True,
+                                                       conversation="second")):
+            stats = p if isinstance(p, PromptStats) else stats
+        await backend.aclose()
+        return counts, stats
+
+    counts, stats = asyncio.run(run())
+    assert counts["first"][0] is False and counts["first"][1] > 250, counts
+    assert counts["second"][0] is True and counts["second"][1] <= 3, counts  # restored, not read
+    assert counts["third"][1] > 250, counts  # (another persona: slot 0's state is the first's, evicted)
+    assert stats is not None and stats.cached > 250 and stats.processed <= 12, stats
