@@ -153,9 +153,12 @@ def test_documents_reach_the_prompt_and_bad_input_is_4xx(idle, presence, api_key
         await client.close()
         return llm.requests[-1]["messages"]
 
-    # The persona's tags name all three documents: the price list's passage opens the user's message.
+    # The persona's tags name all three documents: the price list's passage opens the user's message,
+    # after what the camera shows when there is something to tell (here: no face in the test camera).
     messages = asyncio.run(ask("How much does the K20 espresso machine cost?"))
     last = messages[-1]["content"]
+    if last.startswith("(Seen on camera: "):
+        last = last.split(")\n\n", 1)[1]
     assert last.startswith("(From the documents:") and "449 euros" in last
     assert ")\n\nHow much does the K20 espresso machine cost?" in last  # the passages, then the words
     assert "449" not in messages[0]["content"]  # not in the system message: the prefix stays the same
