@@ -377,10 +377,12 @@ def main() -> None:
     paired = {}
     if a.paired:
         without = summarize(sessions[0::2], cpu, wall)
+        without["sessions_detail"] = sessions[0::2]  # turn by turn, beside the with-documents ones
         sessions = sessions[1::2]
         with_docs = summarize(sessions, cpu, wall)
         paired = {"without_documents": {k: without[k] for k in ("n_measured", "p50_ms", "p95_ms", "mean_ms", "by_turn_index",
-                                                                 "bargein_ms", "cut_ins", "stages_p50_ms", "stages_p95_ms")},
+                                                                 "bargein_ms", "cut_ins", "stages_p50_ms", "stages_p95_ms",
+                                                                 "llm_prompt_p50", "sessions_detail")},
                   "knowledge_adds_ms": {k: round(with_docs[k] - without[k], 1) for k in ("p50_ms", "p95_ms", "mean_ms")}}
     result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or "profile default",
               "knowledge_base": ({"document": "clinic handbook (benchmarks/clinic.py HANDBOOK)",

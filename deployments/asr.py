@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from deployments.common import ServiceTimes, limit_threads, warmup_audio
+from deployments.common import PriorityLock, ServiceTimes, limit_threads, warmup_audio
 from deployments.gpu_metrics import start_gpu_metrics
 from models.asr import WhisperASR
 from models.audio import pcm16_to_float
@@ -20,14 +20,20 @@ class ASR:
         self.gpu_metrics = start_gpu_metrics("ASR")
         self.model = WhisperASR(model, device=device, compute_type=compute_type)
         self.times = ServiceTimes()
-        self._lock = asyncio.Lock()  # one transcription at a time: a second would only halve each one's CPU
+        # One transcription at a time (a second would only halve each one's CPU); a waiting final
+        # transcript, which a reply waits for, goes before a waiting interim one, which nothing waits for.
+        self._turns = PriorityLock()
         self.model.transcribe(warmup_audio())  # first call allocates; keep it out of the first turn
 
-    async def transcribe(self, pcm16: bytes, prompt: str | None = None) -> TranscriptResult:
-        """Transcribe a whole utterance."""
+    async def transcribe(self, pcm16: bytes, prompt: str | None = None, interim: bool = False) -> TranscriptResult:
+        """Transcribe a whole utterance; `interim`: the words so far of one still being spoken, served
+        after any waiting final transcript (sessions share this replica)."""
         with self.times.measure() as timing:
-            async with self._lock:
-                result = await asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt)
+            await self._turns.acquire(1 if interim else 0)
+            job = asyncio.ensure_future(asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt))
+            # A caller that gives up (cancels) does not free the model: the lock passes on when it has.
+            job.add_done_callback(lambda _: self._turns.release())
+            result = await asyncio.shield(job)
         return TranscriptResult(result.text, result.audio_s, timing["ms"])
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -117,6 +117,9 @@ class Models:
         self.prefills: list[list[dict]] = []
         self.prefill_leads: list[str] = []  # how each prefill had the next user message start
         self.asr_prompts: list[str | None] = []
+        self.asr_interim: list[bool] = []  # per ASR call: an interim transcript (the words so far)?
+        self.interim_asr_s = 0.02  # how long an interim transcript takes
+        self.asr_cancelled = 0  # ASR calls their caller gave up on
         self.searches: list[str] = []  # what the knowledge base was searched for
         self.passages: list[str] = []  # what it finds
         self.prefill_s = 0.0  # how long a prefill with a lead takes (the CPU reads ~7 ms a token)
@@ -130,10 +133,15 @@ class Models:
         names = {id(self.asr): "asr", id(self.llm): "llm", id(self.tts): "tts"}
         return id(handle) in names and self.outages[names[id(handle)]].down()
 
-    async def _transcribe(self, pcm16: bytes, prompt=None) -> TranscriptResult:
+    async def _transcribe(self, pcm16: bytes, prompt=None, interim: bool = False) -> TranscriptResult:
         self.asr_prompts.append(prompt)
+        self.asr_interim.append(interim)
         await self.outages["asr"].enter()
-        await asyncio.sleep(0.02)
+        try:
+            await asyncio.sleep(self.interim_asr_s if interim else 0.02)
+        except asyncio.CancelledError:
+            self.asr_cancelled += 1
+            raise
         return TranscriptResult(self.transcript, len(pcm16) / 32000)
 
     async def _predict(self, pcm16: bytes) -> TurnScore:

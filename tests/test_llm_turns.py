@@ -279,3 +279,40 @@ def test_a_new_conversation_with_a_known_persona_restores_its_saved_prompt_state
     assert counts["second"][0] is True and counts["second"][1] <= 3, counts  # restored, not read
     assert counts["third"][1] > 250, counts  # (another persona: slot 0's state is the first's, evicted)
     assert stats is not None and stats.cached > 250 and stats.processed <= 12, stats
+
+
+def test_asr_serves_a_waiting_final_transcript_before_waiting_interim_ones(tts):
+    """Sessions share an ASR replica: while one transcription runs, a final transcript (a reply waits for
+    it) that arrives after an interim one (nothing waits for it) is served first; an interim whose caller
+    gave up is never run, and a caller that gives up on a running one does not let the next start beside it."""
+    from deployments.asr import ASR
+    from models.audio import float_to_pcm16, resample
+
+    asr = ASR.func_or_class()
+    s = tts.synthesize("How much does the espresso machine cost, and when can you deliver it to Berlin?")
+    pcm = float_to_pcm16(resample(s.audio, s.sample_rate, 16000)).tobytes()
+
+    async def run():
+        done: list[str] = []
+
+        async def call(name: str, interim: bool) -> None:
+            result = await asr.transcribe(pcm, interim=interim)
+            done.append(name)
+            assert "espresso" in result.text.lower()
+
+        first = asyncio.create_task(call("running", True))
+        await asyncio.sleep(0.05)  # it holds the model now
+        interim = asyncio.create_task(call("interim", True))
+        given_up = asyncio.create_task(call("given up", True))
+        await asyncio.sleep(0.01)
+        final = asyncio.create_task(call("final", False))
+        await asyncio.sleep(0.01)
+        given_up.cancel()
+        first.cancel()  # its transcription still runs to the end: the final waits for it, not beside it
+        await asyncio.sleep(0.01)
+        assert asr._turns.waiting == 2  # the interim and the final, neither handed the model yet
+        await asyncio.gather(interim, final)
+        assert asr.times.in_flight == 0
+        return done
+
+    assert asyncio.run(run()) == ["final", "interim"]

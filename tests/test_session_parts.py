@@ -744,6 +744,33 @@ def test_a_reply_reads_only_the_passages_prefilled_while_the_user_spoke():
     assert timings[0]["properties"]["passages"] == {"count": 1, "prefilled": True}
 
 
+def test_an_interim_transcript_not_back_by_the_pause_is_dropped_for_the_final_one():
+    """The words so far are transcribed as an interim (after any final transcript waiting at the shared
+    ASR); one still pending when the user pauses is cancelled, and the reply looks its passages up from the
+    final words, at once."""
+    models = Models(transcript="How much does the K20 cost?", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros"]
+    models.interim_asr_s = 5.0
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.6)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 3)
+        cancelled.append(models.asr_cancelled)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    cancelled: list[int] = []
+    evs = asyncio.run(run())
+    assert cancelled == [1]  # by the pause, not by the session's end
+    assert models.asr_interim == [True, False]
+    assert models.searches == ["How much does the K20 cost?"]  # the late lookup; the interim never came
+    assert of_type(evs, Event.TURN_TIMINGS)[0]["properties"]["passages"] == {"count": 1, "prefilled": False}
+
+
 def test_passages_go_on_prefilling_when_the_user_goes_on_after_a_pause():
     """A mid-turn pause stops the prefills (a speculative reply takes the passages); when the user goes on,
     the speculative reply is dropped and the rest of the passages are prefilled for the real one."""

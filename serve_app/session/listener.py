@@ -84,6 +84,7 @@ class Listener:
         self.asr_prompt = asr_prompt
         self.interim = interim
         self._interim_done = False
+        self._interim_task: asyncio.Task | None = None
         self.asr = asr
         self.turn = turn
         self.vad = vad
@@ -172,14 +173,18 @@ class Listener:
         if (self.interim and not self._interim_done and self.in_utterance and self.segmenter.speaking
                 and len(self._utt) * CHUNK >= (INTERIM_AFTER_S * RATE) + PRE_ROLL_CHUNKS * CHUNK):
             self._interim_done = True
-            self.tasks.spawn(self._interim_words(self._utterance_pcm()))
+            self._interim_task = self.tasks.spawn(self._interim_words(self._utterance_pcm()))
         if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
 
     async def _interim_words(self, pcm: bytes) -> None:
+        call = self.asr.transcribe.remote(pcm, self.asr_prompt, interim=True)
         try:
-            text = (await self.asr.transcribe.remote(pcm, self.asr_prompt)).text.strip()
+            text = (await call).text.strip()
+        except asyncio.CancelledError:
+            call.cancel()  # a Serve request goes on unless its response is cancelled too
+            raise
         except Exception:  # a dead ASR: the final transcript (retried) is what counts
             return
         if text and self.in_utterance:
@@ -217,6 +222,9 @@ class Listener:
         (gated); then the turn is decided: complete now, or taken after the persona's patience."""
         timings = TurnTimings(speech_end=self._last_voice_wall, listener_behind_ms=round(self.behind_s * 1000, 1))
         timings.mark("vad_pause")
+        if self._interim_task is not None and not self._interim_task.done():
+            # Words so far that have not come by the pause are of no use: the final transcript goes first.
+            self._interim_task.cancel()
         pcm = self._utterance_pcm()
         turn_call = asyncio.ensure_future(self._turn_score(pcm[-TURN_MODEL_BYTES:]))
         voice = asyncio.ensure_future(asyncio.to_thread(self.voice_analysis, pcm)) if self.voice_analysis else None
