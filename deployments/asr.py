@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ray import serve
 
 from deployments.common import PriorityLock, ServiceTimes, limit_threads, warmup_audio
@@ -29,11 +27,8 @@ class ASR:
         """Transcribe a whole utterance; `interim`: the words so far of one still being spoken, served
         after any waiting final transcript (sessions share this replica)."""
         with self.times.measure() as timing:
-            await self._turns.acquire(1 if interim else 0)
-            job = asyncio.ensure_future(asyncio.to_thread(self.model.transcribe, pcm16_to_float(pcm16), prompt))
-            # A caller that gives up (cancels) does not free the model: the lock passes on when it has.
-            job.add_done_callback(lambda _: self._turns.release())
-            result = await asyncio.shield(job)
+            result = await self._turns.run_in_thread(1 if interim else 0, self.model.transcribe,
+                                                     pcm16_to_float(pcm16), prompt)
         return TranscriptResult(result.text, result.audio_s, timing["ms"])
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

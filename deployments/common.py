@@ -9,12 +9,15 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
 
 import numpy as np
 
 from autoscaling import stats as stat_keys
+
+T = TypeVar("T")
 
 ONE_THREAD_ENV = {
     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
@@ -138,6 +141,14 @@ class PriorityLock:
                 fut.set_result(None)
                 return
         self._held = False
+
+    async def run_in_thread(self, priority: int, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` in a worker thread, holding the lock until that thread has ended: a caller that is
+        cancelled stops waiting, but the model is still busy, so the next waiter must not start beside it."""
+        await self.acquire(priority)
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        job.add_done_callback(lambda _: self.release())
+        return await asyncio.shield(job)
 
     @asynccontextmanager
     async def hold(self, priority: int, order: int | None = None) -> AsyncIterator[None]:
