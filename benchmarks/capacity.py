@@ -20,7 +20,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.box import machine_record  # noqa: E402
 from benchmarks.clinic import PERSONA  # noqa: E402
 from benchmarks.clinic import QUESTIONS as CLINIC_QUESTIONS  # noqa: E402
 from benchmarks.turn_latency import face_photo, first_reply_audio  # noqa: E402
@@ -318,6 +318,7 @@ def main() -> None:
     ap.add_argument("--llm-slots", type=int, default=None,
                     help="the embedded LLM's slots (n_parallel; default: the CPU profile's)")
     a = ap.parse_args()
+    machine = machine_record()  # (before anything loads the box)
     steps = [int(x) for x in a.steps.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,14 +362,13 @@ def main() -> None:
             results.append(step)
         modes[mode] = {"target_fps": target_fps, **analyse(results, a.slo_ms, target_fps), "steps": results}
     best = max(m["sessions_at_slo"] for m in modes.values())
-    mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     result = {
         "benchmark": "capacity", "profile": "cpu", "slo_ms": a.slo_ms,
         "metric": "speech end -> first reply audio at the client", "turns_per_session": a.turns,
         "clients": "camera showing a face (matplotlib's Grace Hopper), clinic persona (benchmarks/clinic.py)",
         "sessions_at_slo": {m: v["sessions_at_slo"] for m, v in modes.items()},
         "recommendation": recommend(best), "modes": modes,
-        "machine": {"cpus": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version()},
+        "machine": machine,
     }
     result["plots"] = plots(modes, a.slo_ms, out)
     (out / "capacity.json").write_text(json.dumps(result, indent=2))

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.box import machine_record  # noqa: E402
 from benchmarks.clinic import PERSONA  # noqa: E402
 
 SILENT_RMS = 0.01  # -40 dBFS
@@ -322,6 +322,7 @@ def main() -> None:
     ap.add_argument("--video-mode", choices=["client", "server"], help="the conversations' video mode (default: the "
                     "profile's); client: poses on the data channel, no video rendered or sent")
     a = ap.parse_args()
+    machine = machine_record()  # (before anything loads the box)
     import httpx
 
     from models.tts import PiperTTS
@@ -395,7 +396,7 @@ def main() -> None:
               "target": {"p50_ms": 1500, "p95_ms": 2500, "late_vs_early": 1.2, "bargein_p50_ms": 300,
                          "cut_ins_per_12": 1},
               **summarize(sessions, cpu, wall), **paired, "niceness": niceness(), "sessions_detail": sessions,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "wall_s": round(wall, 1)}
+              "machine": machine, "wall_s": round(wall, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("n_measured", "p50_ms", "p95_ms", "by_turn_index", "late_vs_early",

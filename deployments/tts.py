@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ray import serve
 
 from deployments.common import PriorityLock, ServiceTimes, limit_threads
@@ -27,8 +25,9 @@ class TTS:
         """`first`: the first clause of a reply, which its user is waiting for: it goes before the
         later clauses of other sessions' replies (those play after audio already queued)."""
         with self.times.measure() as timing:
-            async with self._turns.hold(0 if first else 1):
-                speech = await asyncio.to_thread(self.model.synthesize, text, speed)
+            # A clause dropped by a barge-in still runs to its end in its thread: the next clause
+            # waits for it rather than sharing the core with it.
+            speech = await self._turns.run_in_thread(0 if first else 1, self.model.synthesize, text, speed)
         return SpeechResult(
             text, float_to_pcm16(speech.audio).tobytes(), speech.sample_rate,
             [(p, float(a), float(b)) for p, a, b in speech.phonemes],

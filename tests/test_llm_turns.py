@@ -316,3 +316,49 @@ def test_asr_serves_a_waiting_final_transcript_before_waiting_interim_ones(tts):
         return done
 
     assert asyncio.run(run()) == ["final", "interim"]
+
+
+def test_tts_serves_a_first_clause_first_and_never_beside_a_dropped_one():
+    """Sessions share a TTS replica: a reply's first clause passes other replies' later clauses, and a
+    clause whose caller gave up (a barge-in) keeps the model until piper has finished it, so the next
+    clause does not share the core with it."""
+    import threading
+    import time
+
+    from deployments.tts import TTS
+
+    tts_dep = TTS.func_or_class()
+    runs: list[tuple[str, float, float]] = []
+    synthesize = tts_dep.model.synthesize
+    guard = threading.Lock()
+
+    def recorded(text: str, speed: float = 1.0):
+        start = time.monotonic()
+        try:
+            return synthesize(text, speed)
+        finally:
+            with guard:
+                runs.append((text, start, time.monotonic()))
+
+    tts_dep.model.synthesize = recorded
+    dropped_text = "This clause is long enough that piper is still reading it when its caller gives up on it."
+
+    async def run() -> None:
+        dropped = asyncio.create_task(tts_dep.synthesize(dropped_text))
+        await asyncio.sleep(0.05)  # it holds the model now
+        later = asyncio.create_task(tts_dep.synthesize("The rest of another reply."))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(tts_dep.synthesize("Sure.", first=True))
+        await asyncio.sleep(0.01)
+        dropped.cancel()
+        await asyncio.sleep(0.01)
+        assert tts_dep._turns.waiting == 2  # neither started beside the dropped clause
+        results = await asyncio.gather(later, first)
+        assert all(r.pcm16 for r in results)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+
+    asyncio.run(run())
+    assert [text for text, *_ in runs] == [dropped_text, "Sure.", "The rest of another reply."]
+    assert all(runs[i][1] >= runs[i - 1][2] for i in range(1, len(runs)))  # one at a time
+    assert tts_dep.times.in_flight == 0
