@@ -1,5 +1,5 @@
 """Client video mode: the avatar's animation state, not its pixels. At POSE_HZ the face's pose for the
-current media time goes to the browser on the `avatar` data channel, stamped with that media time; the
+media time POSE_LEAD_S ahead goes to the browser on the `avatar` data channel, stamped with that media time; the
 browser shows it when the audio sample with the same stamp plays (it maps RTP timestamps to media time
 with the `clock` message, sent again whenever the mapping changes)."""
 
@@ -15,6 +15,10 @@ from serve_app.session.avatar import AvatarFace
 from serve_app.session.transport import Transport
 
 POSE_HZ = 30.0
+# Each pose goes this far ahead of the audio it belongs to: a pose sent as its audio was sent arrived
+# after that audio played ~19 % of the time on a loaded box (the data channel has no jitter buffer
+# to hide a late event loop), and the face then lagged the voice. The browser keeps poses by stamp.
+POSE_LEAD_S = 0.12
 # little-endian: f64 media time, f32 yaw pitch roll speaking, f32 per rig channel (CHANNELS order)
 POSE_FORMAT = struct.Struct(f"<d4f{len(CHANNELS)}f")
 
@@ -50,14 +54,14 @@ class PoseStream:
         self._origin_sent: int | None = None
 
     async def run(self) -> None:
-        index = int(self.clock.now() * self.hz) + 1
+        index = int((self.clock.now() + POSE_LEAD_S) * self.hz) + 1
         while True:
             t = index / self.hz
-            now = self.clock.now()
+            now = self.clock.now() + POSE_LEAD_S
             if now - t > 2 / self.hz:  # the loop stalled: go on from now, not in a burst
                 index = int(now * self.hz) + 1
                 t = index / self.hz
-            await self.clock.sleep_until(t)
+            await self.clock.sleep_until(t - POSE_LEAD_S)
             self.send(t)
             index += 1
 
