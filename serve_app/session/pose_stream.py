@@ -54,15 +54,15 @@ class PoseStream:
         self._origin_sent: int | None = None
 
     async def run(self) -> None:
-        index = int((self.clock.now() + POSE_LEAD_S) * self.hz) + 1
+        index = int(self.clock.now() * self.hz) + 1
         while True:
             t = index / self.hz
-            now = self.clock.now() + POSE_LEAD_S
+            now = self.clock.now()
             if now - t > 2 / self.hz:  # the loop stalled: go on from now, not in a burst
                 index = int(now * self.hz) + 1
                 t = index / self.hz
-            await self.clock.sleep_until(t - POSE_LEAD_S)
-            self.send(t)
+            await self.clock.sleep_until(t)
+            self.send(t + POSE_LEAD_S)
             index += 1
 
     def send(self, t: float) -> None:
