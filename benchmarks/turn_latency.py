@@ -18,7 +18,7 @@ Writes benchmarks/results/turn_latency.json.
 
     python benchmarks/turn_latency.py                      # starts its own local Serve app
     python benchmarks/turn_latency.py --sessions 1 --url http://127.0.0.1:8000 --api-key KEY
-    python benchmarks/turn_latency.py --documents --paired --sessions 4 --out benchmarks/results/turn_latency_knowledge.json
+    python benchmarks/turn_latency.py --documents --paired --sessions 6 --out benchmarks/results/turn_latency_knowledge.json
         # what the knowledge base adds: conversations without and with the clinic handbook, alternating
 """
 
@@ -210,6 +210,9 @@ async def run_conversation(url: str, key: str, persona_id: str, clips: list[list
             row["passages"] = props["passages"]
         if "llm_prompt" in props:  # how much of the reply's prompt the LLM's cache held
             row["llm_prompt"] = props["llm_prompt"]
+        for key in ("turn_decision", "listener_behind_ms"):  # why a turn waited: judged unfinished, or heard late
+            if key in props:
+                row[key] = props[key]
         if "bargein_from" in row:
             quiet = silent_from(client.rx.audio, row["bargein_from"])
             row["bargein_ms"] = round((quiet - row.pop("bargein_from")) * 1000, 1) if quiet else None

@@ -797,6 +797,70 @@ def test_passages_go_on_prefilling_when_the_user_goes_on_after_a_pause():
     assert of_type(evs, Event.TURN_TIMINGS)[-1]["properties"]["passages"] == {"count": 2, "prefilled": True}
 
 
+@pytest.mark.parametrize("first_finds", [False, True])
+def test_words_that_find_nothing_are_transcribed_again_a_second_later(first_finds):
+    """The interim words at 1 s ("How much") often name nothing yet: then the words at 2 s are
+    transcribed and looked up too, and their passages are prefilled before the user stops. Words that
+    found passages are not transcribed again (an interim ASR is a core's time while the user speaks)."""
+    models = Models(transcript="How much", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros"]
+    models.finds = lambda words: models.passages if first_finds or "K20" in words else []
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.5)
+        models.transcript = "How much does the K20 cost?"
+        await speak(s.listener.feed, 1.0)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    if first_finds:
+        assert models.asr_interim == [True, False] and models.searches == ["How much"]
+    else:
+        assert models.asr_interim == [True, True, False]
+        assert models.searches == ["How much", "How much does the K20 cost?"]  # no late lookup
+    assert models.prompts[-1][-1]["content"].startswith(knowledge_block(models.passages))
+    assert of_type(evs, Event.TURN_TIMINGS)[0]["properties"]["passages"] == {"count": 1, "prefilled": True}
+
+
+def test_the_words_before_a_pause_are_looked_up_again_when_the_user_goes_on():
+    """The interim words ("Well") found the wrong passage; the words at a mid-turn pause ("Well, the
+    K20 and the") say more. When the user goes on, those are looked up, and their passages replace the
+    prefilled one while the user finishes, so the reply reads them without prompt processing."""
+    models = Models(transcript="Well", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
+    other = "Opening hours: 9 to 17"
+    models.finds = lambda words: models.passages if "K20" in words else [other]
+    models.prefill_s = 0.2
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 1.5)  # the interim words: "Well"
+        models.transcript = "Well, the K20 and the"
+        await pause(s.listener.feed, 0.5)  # the speculative reply to "... and the" waits for patience
+        models.transcript = "Well, the K20 and the milk jug, how much are they?"
+        await speak(s.listener.feed, 1.0)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    # The interim words, then the pause's words when the user went on (the speculative reply read the
+    # prefilled passage); the reply found its passages cached.
+    assert models.searches == ["Well", "Well, the K20 and the"]
+    content = models.prompts[-1][-1]["content"]
+    assert content.startswith(knowledge_block(models.passages)) and other not in content
+    assert of_type(evs, Event.TURN_TIMINGS)[-1]["properties"]["passages"] == {"count": 2, "prefilled": True}
+
+
 @pytest.mark.parametrize("caches", [True, False])
 def test_a_short_utterance_gets_late_passages_from_its_final_words(caches):
     """Too short for the interim lookup: the reply looks the passages up from the final words, and reads

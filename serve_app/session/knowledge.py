@@ -2,9 +2,11 @@
 
 Reading passages is prompt processing, ~7 ms a token for the CPU default LLM (a 40-word passage:
 ~0.35 s), so they must be in the prompt cache before the reply starts or they are its latency. They
-are looked up from the words so far, once, a second into the utterance (`Listener` interim
-transcript), and prefilled one passage at a time, best first, while the user is still speaking; the
-reply reads the ones that made it. A reply with none prefilled (an utterance too short for the interim
+are looked up from the words so far, a second into the utterance (`Listener` interim transcript;
+again at two seconds if the first words found nothing), and prefilled one passage at a time, best
+first, while the user is still speaking; the reply reads the ones that made it. When the user goes on
+after a pause, the words before it (the pause's transcript, which a speculative reply took) are
+looked up again: they say more than the interim words. A reply with none prefilled (an utterance too short for the interim
 lookup) looks them up from the final words and reads `late_passages` of them itself, each cut to its
 `late_words` most relevant words (`models.documents.excerpt`). A backend whose
 cache the session does not warm (a remote endpoint: prefill returns None) gets every passage for the
@@ -54,6 +56,9 @@ class TurnKnowledge:
         self._found: list[str] = []  # the current utterance's passages, as looked up from its interim words
         self._utterance = 0
         self._used = True  # a reply took this utterance's passages (the next utterance needs its own)
+        self._searched = False  # the current utterance's words so far were looked up
+        self._words = ""  # the current utterance's words at its last pause (a speculative reply's)
+        self._lookups = 0  # bumped when the passages being prefilled are replaced by a newer lookup's
         self._warming: asyncio.Task | None = None
 
     def prepare(self) -> None:
@@ -69,6 +74,11 @@ class TurnKnowledge:
     def new_utterance(self) -> None:
         self._utterance += 1
         self.cached, self._found, self._used = [], [], False
+        self._searched, self._words = False, ""
+
+    def wants_words(self) -> bool:
+        """The words so far found no passage: a later transcript of more of them may."""
+        return self._searched and not self._found and not self._used
 
     def pending_lead(self) -> str:
         """How the next user message starts, if known: the prefilled passages of an utterance not yet replied to."""
@@ -82,29 +92,45 @@ class TurnKnowledge:
         """The user goes on after a pause: a speculative reply that took the passages was dropped, and
         the passages not yet prefilled may still make it."""
         self._used = False
-        if self._found and len(self.cached) < len(self._found) and (self._warming is None or self._warming.done()):
-            self.tasks.spawn(self._warm_each(self._found, self._utterance))
+        if self._words and self.prefill.warms is not False:
+            self.tasks.spawn(self._prefetch(self._words, self._utterance))
+        elif self._found and len(self.cached) < len(self._found) and (self._warming is None or self._warming.done()):
+            self.tasks.spawn(self._warm_each(self._found, self._utterance, self._lookups))
 
     async def _prefetch(self, text: str, utterance: int) -> None:
         passages = await self._lookup(text)
-        if utterance == self._utterance:
+        if utterance != self._utterance:
+            return
+        self._searched = True
+        if not passages and self._found:
+            return  # more words found nothing: what the earlier ones found stays
+        if passages != self._found:
+            self._lookups += 1
             self._found = passages
-            await self._warm_each(passages, utterance)
+            if self.cached != passages[:len(self.cached)]:
+                self.cached = []  # (the cache is about to hold the new passages instead)
+        elif self._warming is not None and not self._warming.done():
+            return  # the same passages are being prefilled already
+        lookup = self._lookups
+        if self._warming is not None and not self._warming.done():
+            await asyncio.shield(self._warming)  # one prefill at a time; the older loop stops after it
+        await self._warm_each(passages, utterance, lookup)
 
-    async def _warm_each(self, passages: list[str], utterance: int) -> None:
+    async def _warm_each(self, passages: list[str], utterance: int, lookup: int) -> None:
         for i in range(len(self.cached) + 1, len(passages) + 1):
-            if self._used or utterance != self._utterance or not self.speaking():
+            if self._used or utterance != self._utterance or lookup != self._lookups or not self.speaking():
                 return
             self._warming = self.tasks.spawn(self.prefill.warm(knowledge_block(passages[:i], closed=False)))
             if not await self._warming:
                 return
-            if utterance == self._utterance:  # (a reply waiting for this passage reads it)
+            if utterance == self._utterance and lookup == self._lookups:  # (a reply waiting for it reads it)
                 self.cached = passages[:i]
 
     async def for_turn(self, user_text: str) -> TurnPassages:
         """The passages the reply's user message starts with: the prefilled ones (a passage whose
         prefill is running is waited for: the LLM serves it first anyway), else a late lookup."""
         self._used = True
+        self._words = user_text
         if self._warming is not None and not self._warming.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._warming), LOOKUP_WAIT_S)

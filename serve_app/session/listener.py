@@ -43,7 +43,8 @@ PRE_ROLL_CHUNKS = 10  # 320 ms before the VAD fired: the first syllable matters 
 TURN_MODEL_BYTES = 8 * RATE * 2  # smart-turn reads the last 8 s
 TURN_MODEL_WAIT_S = 2.0  # past this after the words are known, the turn is decided on the words alone
 OVERLAP_GRACE_S = 0.3  # the avatar, paused by the user's voice, goes on only after this much silence
-INTERIM_AFTER_S = 1.0  # speech into an utterance at which its words so far are transcribed once (on_partial)
+INTERIM_AFTER_S = 1.0  # speech into an utterance at which its words so far are transcribed (on_partial)
+INTERIM_AGAIN_S = 2.0  # ... and again, if the first words were not enough (hooks.wants_words)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ListenerHooks(Protocol):
     def on_overlap_end(self) -> None: ...
     def on_stage_outage(self) -> None: ...
     def on_partial(self, text: str) -> None: ...
+    def wants_words(self) -> bool: ...
 
 
 class Listener:
@@ -79,11 +81,12 @@ class Listener:
                  voice_analysis: Callable[[bytes], Prosody | None] | None = None, asr_prompt: str | None = None,
                  interim: bool = False) -> None:
         """`asr_prompt`: words ASR should expect (the persona's `stt.hotwords`); `interim`: transcribe each
-        utterance once INTERIM_AFTER_S into it (`on_partial`), for work that can start before it ends."""
+        utterance INTERIM_AFTER_S into it (`on_partial`), for work that can start before it ends, and
+        once more at INTERIM_AGAIN_S if `hooks.wants_words()` then (the first words found nothing)."""
         self.hooks = hooks
         self.asr_prompt = asr_prompt
         self.interim = interim
-        self._interim_done = False
+        self._interims = 0  # interim transcripts started in this utterance
         self._interim_task: asyncio.Task | None = None
         self.asr = asr
         self.turn = turn
@@ -153,7 +156,7 @@ class Listener:
         if ev is not None and ev.kind == "speech_start":
             if not self.in_utterance:
                 self.in_utterance = True
-                self._interim_done = False
+                self._interims = 0
                 self._utt = list(self._ring)
                 self.hooks.on_user_started()
             else:
@@ -170,13 +173,22 @@ class Listener:
         elif ev is not None and ev.kind == "pause" and self.in_utterance:
             self._cancel_pending_turn()
             self._eot_task = self.tasks.spawn(self._end_of_turn())
-        if (self.interim and not self._interim_done and self.in_utterance and self.segmenter.speaking
-                and len(self._utt) * CHUNK >= (INTERIM_AFTER_S * RATE) + PRE_ROLL_CHUNKS * CHUNK):
-            self._interim_done = True
-            self._interim_task = self.tasks.spawn(self._interim_words(self._utterance_pcm()))
+        if self.interim and self._interims < 2 and self.in_utterance and self.segmenter.speaking:
+            self._maybe_interim()
         if (self.in_utterance and self.segmenter.speaking and self._eot_task is None
                 and len(self._utt) * CHUNK > MAX_INPUT_SAMPLES):
             self._eot_task = self.tasks.spawn(self._end_of_turn(force=True))
+
+    def _maybe_interim(self) -> None:
+        spoken = len(self._utt) * CHUNK - PRE_ROLL_CHUNKS * CHUNK
+        if spoken < (INTERIM_AFTER_S if self._interims == 0 else INTERIM_AGAIN_S) * RATE:
+            return
+        if self._interims == 1 and (self._interim_task is None or not self._interim_task.done()
+                                    or not self.hooks.wants_words()):
+            self._interims = 2  # the first words were enough (or are not back): one transcript it is
+            return
+        self._interims += 1
+        self._interim_task = self.tasks.spawn(self._interim_words(self._utterance_pcm()))
 
     async def _interim_words(self, pcm: bytes) -> None:
         call = self.asr.transcribe.remote(pcm, self.asr_prompt, interim=True)
@@ -248,6 +260,9 @@ class Listener:
         if audio_probability is None:  # no audio evidence: complete unless the words say otherwise
             audio_probability = threshold
         turn.decision = fuse(audio_probability, text, threshold)
+        timings.decision = {"complete": turn.decision.complete, "probability": round(turn.decision.probability, 3),
+                            "audio_probability": round(turn.decision.audio_probability, 3),
+                            "reason": turn.decision.reason}
         timings.mark("turn_decision")
         if not (turn.decision.complete or force):
             waited = time.monotonic() - timings.marks["vad_pause"]

@@ -326,6 +326,8 @@ class Reply:
                 extra["llm_prompt"] = self.prompt.as_dict()
             if self.timings.listener_behind_ms is not None:
                 extra["listener_behind_ms"] = self.timings.listener_behind_ms
+            if self.timings.decision is not None:
+                extra["turn_decision"] = self.timings.decision
             self.parts.emit(Event.TURN_TIMINGS, turn_index=self.turn_index, ms_from_speech_end=self.timings.as_ms(),
                             **extra)
 

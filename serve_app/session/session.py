@@ -211,6 +211,10 @@ class Session:
         if self.knowledge is not None:
             self.knowledge.on_partial(text)
 
+    def wants_words(self) -> bool:
+        """Whether a later transcript of the utterance so far is worth its ASR time (for its passages)."""
+        return self.knowledge is not None and self.knowledge.wants_words()
+
     def on_speculate(self, turn: UserTurn) -> None:
         self.perceiver.hear(turn.text, turn.voice)
         self._start_reply(user_text=turn.text, timings=turn.timings, gated=True)

@@ -13,6 +13,9 @@ class TurnTimings:
     # How far the listener was behind the microphone when the pause was heard (its audio queued
     # unprocessed on a starved CPU): the user's speech ended this much before `speech_end`.
     listener_behind_ms: float | None = None
+    # How the turn was decided (models.turn.TurnDecision: probability, audio_probability, reason): a
+    # turn not judged complete waits for the persona's patience, the largest step a turn can take.
+    decision: dict[str, float | str] | None = None
 
     def mark(self, name: str) -> None:
         """Record `name` now, once (the first call wins)."""
