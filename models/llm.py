@@ -249,7 +249,8 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
     in-process by llama.cpp's own server via xllamacpp."""
 
     def __init__(self, gguf_path: str | None = None, n_ctx: int = 2048, n_parallel: int = 1,
-                 threads: int = 1, model: str = "smollm2-135m", tool_mode: str = "text", recall: bool = False) -> None:
+                 threads: int = 1, model: str = "smollm2-135m", tool_mode: str = "text", recall: bool = False,
+                 batch_threads: int | None = None) -> None:
         """`tool_mode`: `text` (the model is taught the text tool format and decides itself) or `router`
         (models.tools.ToolRouter decides, the model writes the arguments under the schema as a grammar).
         `recall`: a question about the user that a remembered fact answers is answered from it
@@ -282,7 +283,9 @@ class EmbeddedLlamaCpp(OpenAICompatibleLLM):
         params.n_ctx = n_ctx * n_parallel
         params.n_parallel = n_parallel
         params.cpuparams.n_threads = threads
-        params.cpuparams_batch.n_threads = threads
+        # Prompt processing (a reply's new message, a prefill) may use more threads than generation: at a
+        # reply's start the session has paused rendering and perception, so the other core is free.
+        params.cpuparams_batch.n_threads = batch_threads or threads
         params.verbosity = 0
         params.slot_save_path = self._state_dir + "/"  # (llama.cpp appends the file name to it)
         self._server = xllamacpp.Server(params)  # keeps llama.cpp's HTTP server alive

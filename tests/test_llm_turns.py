@@ -155,6 +155,25 @@ def test_each_conversation_keeps_its_own_slot():
     assert all(s.processed <= 20 and s.cached > 40 for s in stats[2:]), stats
 
 
+def test_prompts_may_be_read_on_more_threads_than_replies_are_written():
+    """`batch_threads`: llama.cpp reads prompts on its own thread count (the CPU profile keeps one; see
+    the README's "Prompt threads"); the model still reads the whole prompt and answers."""
+    from models.llm import EmbeddedLlamaCpp, GenerationParams, PromptStats
+
+    llm = EmbeddedLlamaCpp(model="smollm2-135m", threads=1, batch_threads=2)
+
+    async def run():
+        stats, text = None, ""
+        async for p in llm.stream([MESSAGES[0], {"role": "user", "content": "When do you open?"}],
+                                  GenerationParams(max_tokens=12, temperature=0.0, report_prompt=True)):
+            stats = p if isinstance(p, PromptStats) else stats
+            text += p if isinstance(p, str) else ""
+        return stats, text
+
+    stats, text = asyncio.run(run())
+    assert stats is not None and stats.processed > 20 and text.strip()
+
+
 def test_prompt_steps_cut_between_words_after_what_the_slot_holds():
     from models.llm import prompt_steps
 
