@@ -125,6 +125,7 @@ class Models:
         self.passages: list[str] = []  # what it finds
         self.finds: Callable[[str], list[str]] | None = None  # what it finds for these words (else `passages`)
         self.prefill_s = 0.0  # how long a prefill with a lead takes (the CPU reads ~7 ms a token)
+        self.prefill_cancelled = 0  # prefills their caller gave up on
         self.prefill_caches = True  # False: a backend with no cache to warm (prefill returns None)
         self.knowledge = FakeHandle(search=self._search, prepare=self._prepare_knowledge)
         self.tts = FakeHandle(synthesize=self._synthesize)
@@ -172,7 +173,11 @@ class Models:
         self.prefill_leads.append(lead)
         await self.outages["llm"].enter()
         if lead:
-            await asyncio.sleep(self.prefill_s)
+            try:
+                await asyncio.sleep(self.prefill_s)
+            except asyncio.CancelledError:
+                self.prefill_cancelled += 1
+                raise
         self.prefills.append(json.loads(json.dumps(messages)))
         return len(messages) if self.prefill_caches else None
 

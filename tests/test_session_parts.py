@@ -744,6 +744,31 @@ def test_a_reply_reads_only_the_passages_prefilled_while_the_user_spoke():
     assert timings[0]["properties"]["passages"] == {"count": 1, "prefilled": True}
 
 
+def test_a_reply_does_not_wait_for_a_further_passage_once_one_is_cached():
+    """The user stops while the second passage is being prefilled: the reply reads the first (cached)
+    at once, and the second's prefill is stopped rather than waited for (it would be the reply's latency)."""
+    models = Models(transcript="How much does the K20 cost?", reply="It costs 449 euros.", clause_s=0.3)
+    models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
+    models.prefill_s = 0.8
+
+    async def run():
+        s = make_session(models, document_ids=["d1"])
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 2.4)  # the interim lookup at ~1.3 s; passage 1 cached at ~2.1 s
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    evs = asyncio.run(run())
+    assert any(models.passages[1] in lead for lead in models.prefill_leads)  # it had started
+    assert models.prefill_cancelled == 1
+    content = models.prompts[-1][-1]["content"]
+    assert content.startswith(knowledge_block(models.passages[:1])) and models.passages[1] not in content
+    assert of_type(evs, Event.TURN_TIMINGS)[0]["properties"]["passages"] == {"count": 1, "prefilled": True}
+
+
 def test_an_interim_transcript_not_back_by_the_pause_is_dropped_for_the_final_one():
     """The words so far are transcribed as an interim (after any final transcript waiting at the shared
     ASR); one still pending when the user pauses is cancelled, and the reply looks its passages up from the

@@ -127,15 +127,21 @@ class TurnKnowledge:
                 self.cached = passages[:i]
 
     async def for_turn(self, user_text: str) -> TurnPassages:
-        """The passages the reply's user message starts with: the prefilled ones (a passage whose
-        prefill is running is waited for: the LLM serves it first anyway), else a late lookup."""
+        """The passages the reply's user message starts with: the prefilled ones (the first passage's
+        prefill, if running, is waited for: the LLM serves it first anyway; a further one's is stopped),
+        else a late lookup."""
         self._used = True
         self._words = user_text
         if self._warming is not None and not self._warming.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._warming), LOOKUP_WAIT_S)
-            except TimeoutError:
-                pass
+            if self.cached:
+                # Passages are cached already: the next one's prefill would be this reply's wait (up to a
+                # passage of prompt processing), for a passage less relevant than those.
+                self.prefill.stop()
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._warming), LOOKUP_WAIT_S)
+                except TimeoutError:
+                    pass
         if self.cached:
             return TurnPassages(knowledge_block(self.cached), len(self.cached), prefilled=True)
         try:

@@ -59,6 +59,12 @@ class PromptPrefill:
         self.seen = seen or ""
         return changed
 
+    def stop(self) -> None:
+        """A reply starts and reads the rest of its prompt itself: the prefill in flight ends after the
+        step the LLM is processing (the LLM deployment prefills a step at a time)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     async def warm(self, lead: str) -> bool:
         """Prefill with `lead` and wait for it: True when the cache then holds the prefix and `lead`
         (False: the LLM failed, or a newer request replaced the lead meanwhile)."""
@@ -75,9 +81,15 @@ class PromptPrefill:
             # heard right after telling the session it finished.
             messages, lead = self.context.prefix(), self.lead
             self.cached_lead = None
+            call = None
             try:
-                n = await self.llm.prefill.remote(messages, self.endpoint, self.tools, seen_lead(self.seen) + lead,
-                                                  self.conversation)
+                call = self.llm.prefill.remote(messages, self.endpoint, self.tools, seen_lead(self.seen) + lead,
+                                               self.conversation)
+                n = await call
+            except asyncio.CancelledError:
+                if call is not None:
+                    call.cancel()  # a Serve request goes on unless its response is cancelled too
+                raise
             except Exception as exc:  # a dead or restarting LLM: the next reply reads its prompt itself
                 log.info("prompt prefill skipped: %s: %s", type(exc).__name__, exc)
                 return
