@@ -682,6 +682,21 @@ async def _until(cond, step: float = 0.01) -> None:
         await asyncio.sleep(step)
 
 
+def _one_turn(models: Models, speech, **session_kw) -> list[dict]:
+    """A session with a document, through `speech(session)` (what the user says), until its one reply has
+    finished; returns its events."""
+    async def run():
+        s = make_session(models, document_ids=["d1"], **session_kw)
+        player = asyncio.ensure_future(play_audio(s))
+        await speech(s)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return events(s)
+
+    return asyncio.run(run())
+
+
 def test_passages_are_looked_up_from_the_words_so_far_and_prefilled_before_the_turn_ends():
     """A second into the utterance its words so far are transcribed once; the passages for them open the
     next user message and are prefilled with the prefix, one at a time, so the reply's prompt starts
@@ -726,17 +741,11 @@ def test_a_reply_reads_only_the_passages_prefilled_while_the_user_spoke():
                        "Milk jug: 19 euros"]
     models.prefill_s = 0.5
 
-    async def run():
-        s = make_session(models, document_ids=["d1"])
-        player = asyncio.ensure_future(play_audio(s))
+    async def speech(s):
         await speak(s.listener.feed, 1.5)  # the interim lookup at ~1.0 s, the first passage's prefill till ~1.55 s
         await pause(s.listener.feed, 0.3)
-        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
-        player.cancel()
-        await s.close()
-        return events(s)
 
-    evs = asyncio.run(run())
+    evs = _one_turn(models, speech)
     content = models.prompts[-1][-1]["content"]
     assert models.passages[0] in content and models.passages[1] not in content
     assert not any(models.passages[1] in lead for lead in models.prefill_leads)  # never started
@@ -751,17 +760,11 @@ def test_a_reply_does_not_wait_for_a_further_passage_once_one_is_cached():
     models.passages = ["Machines: K20 espresso machine: 449 euros", "Grinders: G2 burr grinder: 129 euros"]
     models.prefill_s = 0.8
 
-    async def run():
-        s = make_session(models, document_ids=["d1"])
-        player = asyncio.ensure_future(play_audio(s))
+    async def speech(s):
         await speak(s.listener.feed, 2.4)  # the interim lookup at ~1.3 s; passage 1 cached at ~2.1 s
         await pause(s.listener.feed, 0.3)
-        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
-        player.cancel()
-        await s.close()
-        return events(s)
 
-    evs = asyncio.run(run())
+    evs = _one_turn(models, speech)
     assert any(models.passages[1] in lead for lead in models.prefill_leads)  # it had started
     assert models.prefill_cancelled == 1
     content = models.prompts[-1][-1]["content"]
@@ -831,19 +834,13 @@ def test_words_that_find_nothing_are_transcribed_again_a_second_later(first_find
     models.passages = ["Machines: K20 espresso machine: 449 euros"]
     models.finds = lambda words: models.passages if first_finds or "K20" in words else []
 
-    async def run():
-        s = make_session(models, document_ids=["d1"])
-        player = asyncio.ensure_future(play_audio(s))
+    async def speech(s):
         await speak(s.listener.feed, 1.5)
         models.transcript = "How much does the K20 cost?"
         await speak(s.listener.feed, 1.0)
         await pause(s.listener.feed, 0.3)
-        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
-        player.cancel()
-        await s.close()
-        return events(s)
 
-    evs = asyncio.run(run())
+    evs = _one_turn(models, speech)
     if first_finds:
         assert models.asr_interim == [True, False] and models.searches == ["How much"]
     else:
@@ -863,21 +860,15 @@ def test_the_words_before_a_pause_are_looked_up_again_when_the_user_goes_on():
     models.finds = lambda words: models.passages if "K20" in words else [other]
     models.prefill_s = 0.2
 
-    async def run():
-        s = make_session(models, document_ids=["d1"])
-        player = asyncio.ensure_future(play_audio(s))
+    async def speech(s):
         await speak(s.listener.feed, 1.5)  # the interim words: "Well"
         models.transcript = "Well, the K20 and the"
         await pause(s.listener.feed, 0.5)  # the speculative reply to "... and the" waits for patience
         models.transcript = "Well, the K20 and the milk jug, how much are they?"
         await speak(s.listener.feed, 1.0)
         await pause(s.listener.feed, 0.3)
-        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
-        player.cancel()
-        await s.close()
-        return events(s)
 
-    evs = asyncio.run(run())
+    evs = _one_turn(models, speech)
     # The interim words, then the pause's words when the user went on (the speculative reply read the
     # prefilled passage); the reply found its passages cached.
     assert models.searches == ["Well", "Well, the K20 and the"]
