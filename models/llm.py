@@ -26,6 +26,7 @@ from typing import Protocol
 import httpx
 
 from models.assets import embedded_llm
+from models.grounding import DECLINE, Unmentioned, unsupported
 from models.http_body import capped_chunks
 from models.llm_stream import PromptStats, StreamEnd
 from models.tools import ToolCall, ToolRouter, as_text_format, new_call_id, read_out
@@ -579,17 +580,24 @@ class ReplyShaper:
     sentence a reply also stops at a sentence the avatar already said in the conversation
     (`said_before`): small models end every reply with the same boilerplate ("If you need any further
     information...").
+
+    `unmentioned`: what of the question the grounded facts do not mention (models.grounding). A reply
+    that says yes to it, prices it or talks about it is replaced by `decline` if that is its first
+    clause, and ends before the clause otherwise.
     """
 
     def __init__(self, max_sentences: int = 2, min_comma_words: int = 5, max_chars: int = 240,
                  first_comma_words: int = 2, said_before: Iterable[str] = (), first_clause_words: int = 8,
-                 max_clause_words: int = 16) -> None:
+                 max_clause_words: int = 16, unmentioned: Unmentioned = Unmentioned(), decline: str = DECLINE) -> None:
         self.first_comma_words = first_comma_words
         self.first_clause_words = first_clause_words
         self.max_clause_words = max_clause_words
         self.max_sentences = max_sentences
         self.min_comma_words = min_comma_words
         self.max_chars = max_chars
+        self.unmentioned = unmentioned
+        self.decline = decline
+        self.declined = False  # the reply was replaced by `decline`
         self._buf = ""
         self._sentences: list[str] = []
         earlier = [_normalized(x) for text in said_before for x in split_sentences(text)]
@@ -626,6 +634,12 @@ class ReplyShaper:
         text = text.strip()
         if not text or self.done:
             return None
+        if unsupported(text, self.unmentioned, first=self._emitted == 0):
+            self.done = True
+            if self._emitted:
+                return None
+            self.declined = True
+            text = self.decline
         if self._loops(text):
             self.done = True
             return None
@@ -714,8 +728,10 @@ def context_start(history: list[Message], start: int, max_messages: int = 16, ke
     return start
 
 
-GROUNDING_RULES = ("Answer only from these facts. If they do not answer the question, say you do not know and offer "
-                   "to have someone call back. Never make up names, numbers, prices, dates or services.")
+# The fallback spelled out word for word: Qwen 0.5B then answers more facts right (clinic 0.72 -> 0.77,
+# held-out bike shop 0.64 -> 0.71 at temperature 0) than with "say you do not know".
+GROUNDING_RULES = (f"Answer only from these facts. If the facts do not say, answer: \"{DECLINE}\" Never make up "
+                   "names, numbers, prices, dates or services.")
 
 
 def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> str:

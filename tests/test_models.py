@@ -284,3 +284,61 @@ def test_first_clause_is_short_for_a_fast_start():
     shaper = ReplyShaper()
     out = [c.text for c in shaper.feed("Oh well, I think Paris is the capital, and it is lovely. ")]
     assert out == ["Oh well,", "I think Paris is the capital,", "and it is lovely."]
+
+
+def test_the_words_of_a_question_the_facts_do_not_mention():
+    from models.grounding import FactCoverage
+
+    facts = FactCoverage.of("Open 8 to 6 on weekdays. Parking behind the building. Dr. Ortiz does cleanings "
+                            "for 95 dollars. Teeth whitening costs 250 dollars.")
+    assert facts.uncovered("Do you do laser eye surgery?") == ["laser", "eye", "surgery"]
+    # The question's frame (what time, how much, open, cost) and words the facts hold, in any form.
+    assert facts.uncovered("What time do you open on weekdays?") == []
+    assert facts.uncovered("How much is a cleaning?") == []
+    assert facts.uncovered("Is there parking?") == []
+    assert facts.uncovered("How much does whitening cost?") == []
+    # The user's own things are their situation, not what they ask about; punctuation ends the phrase.
+    assert facts.uncovered("Can I park my car, or take the tram?") == ["tram"]
+    assert facts.uncovered("Can I bring my dog?") == []
+    # Statements and small talk need no facts.
+    assert facts.uncovered("I love dogs.") == [] and facts.uncovered("Thanks, that is great.") == []
+    assert FactCoverage.of("").uncovered("Do you do surgery?") == []
+
+
+def test_a_reply_that_answers_what_the_facts_do_not_mention_is_declined():
+    from models.grounding import DECLINE, FactCoverage, Unmentioned, unsupported
+
+    facts = FactCoverage.of("Cleanings are 95 dollars. Whitening is 350 dollars.")
+    surgery, canal = facts.unmentioned("Do you do laser surgery?"), facts.unmentioned("How much is a root canal?")
+    assert surgery == Unmentioned(("laser", "surgery"), topic=True)
+    assert facts.unmentioned("What does teeth whitening cost?") == Unmentioned(("teeth",), topic=False)
+    assert unsupported("Yes, we do.", surgery, first=True)
+    assert not unsupported("Yes, we do.", surgery, first=False)  # a later yes is about something else
+    assert unsupported("Our laser surgery is with Dr. Lee.", surgery, first=False)
+    assert not unsupported("Yes, we do.", Unmentioned(), first=True)  # nothing unmentioned: nothing to check
+    # A price for what the facts do not mention; a price for what they do, asked with a word they lack.
+    assert unsupported("95 dollars.", canal, first=True)
+    assert not unsupported("350 dollars.", facts.unmentioned("What does teeth whitening cost?"), first=True)
+
+    def said(reply: str, unmentioned: Unmentioned) -> tuple[list[str], bool]:
+        shaper = ReplyShaper(max_sentences=3, unmentioned=unmentioned)
+        out = [c.text for c in shaper.feed(reply)] + [c.text for c in shaper.flush()]
+        return [" ".join(out)], shaper.declined
+
+    assert said("Yes, we do laser eye surgery on Mondays.", surgery) == ([DECLINE], True)
+    assert said("95 dollars, like a cleaning.", canal) == ([DECLINE], True)
+    # A right start stands; the reply ends before the clause about what the facts lack.
+    assert said("We do cleanings. Laser surgery is with Dr. Lee.", surgery) == (["We do cleanings."], False)
+    assert said(f"{DECLINE} Anything else?", surgery) == ([f"{DECLINE} Anything else?"], False)
+    assert said("Yes, we do laser surgery.", Unmentioned()) == (["Yes, we do laser surgery."], False)
+
+
+def test_the_unmentioned_words_come_from_the_persona_the_context_and_the_passages():
+    from serve_app.session.context import LLMContext
+
+    ctx = LLMContext("You are Maya at the Ortiz clinic.", "Open 8 to 6. Cleanings are 95 dollars.")
+    assert ctx.unmentioned("Do you do laser surgery?").words == ("laser", "surgery")
+    assert not ctx.unmentioned("How much is a cleaning at the Ortiz clinic?")
+    assert not ctx.unmentioned("Do you do laser surgery?", knowledge="Laser surgery: Dr. Lee, Mondays.")
+    assert not LLMContext("You are Maya.", "Open 8 to 6.", grounded=False).unmentioned("Do you do surgery?")
+    assert not LLMContext("You are Maya.", "").unmentioned("Do you do surgery?")

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from models.grounding import DECLINE
 from models.llm import knowledge_block
 from serve_app.events import Event, ShutdownReason
 from serve_app.schemas import DEFAULT_PERSONA, OPERATOR_GRANTS, ConversationProperties, PersonaIn
@@ -217,7 +218,7 @@ def test_prompt_prefix_is_stable_while_perception_changes():
     """Persona, context and history stay byte-identical from turn to turn; what the user looks like
     (changing every turn) only ever appears in the last message, after the history; the prefix the
     session prefills (`LLMContext.prefix`) is exactly what the next reply's prompt starts with."""
-    from models.llm import seen_lead, user_words
+    from models.llm import GROUNDING_RULES, seen_lead, user_words
     from serve_app.session.context import LLMContext
 
     def render(messages: list[dict]) -> str:  # a ChatML-like template, as llama.cpp applies one
@@ -225,9 +226,7 @@ def test_prompt_prefix_is_stable_while_perception_changes():
 
     ctx = LLMContext("You are Maya.", "Open 8 to 6.", "The patient is Ann.")
     looks = ["The user is smiling and looks happy.", "The user looks sad.", "The user is looking away."]
-    system = ("You are Maya.\n\nFacts:\n- Open 8 to 6.\n- The patient is Ann.\n\n"
-              "Answer only from these facts. If they do not answer the question, say you do not know and offer "
-              "to have someone call back. Never make up names, numbers, prices, dates or services.")
+    system = f"You are Maya.\n\nFacts:\n- Open 8 to 6.\n- The patient is Ann.\n\n{GROUNDING_RULES}"
     previous, jumps = None, 0
     for i in range(24):
         prefix = ctx.prefix()
@@ -409,6 +408,30 @@ def test_a_spoken_turn_through_the_session():
     assert {"vad_pause", "asr_final", "llm_first_token", "first_audio_sent"} <= set(timings["ms_from_speech_end"])
     assert [m["role"] for m in s.context.history] == ["user", "assistant"]
     assert s.context.history[1]["content"] == "We open at nine. See you then."
+
+
+@pytest.mark.parametrize("reply, spoken, declined", [
+    ("Yes, we do laser eye surgery.", DECLINE, True),  # an invented yes: the fallback is said instead
+    ("Dr. Ortiz does cleanings. Laser eye surgery is done by Dr. Lee.", "Dr. Ortiz does cleanings.", False),
+])
+def test_a_grounded_reply_does_not_answer_what_the_facts_do_not_mention(reply, spoken, declined):
+    """The clinic's facts never mention laser eye surgery: the reply's answer to it is never spoken."""
+    persona = DEFAULT_PERSONA.model_copy(update={"context": "Open 8 to 6.\nDr. Ortiz does cleanings for 95 dollars."})
+
+    async def run():
+        models = Models(transcript="Do you do laser eye surgery?", reply=reply, clause_s=0.1)
+        s = make_session(models, persona=persona)
+        player = asyncio.ensure_future(play_audio(s))
+        await speak(s.listener.feed, 0.5)
+        await pause(s.listener.feed, 0.3)
+        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
+        player.cancel()
+        await s.close()
+        return s, events(s)
+
+    s, evs = asyncio.run(run())
+    assert s.context.history[1]["content"] == spoken
+    assert of_type(evs, Event.TURN_TIMINGS)[0]["properties"].get("declined", False) is declined
 
 
 def test_a_speculative_reply_is_dropped_when_the_user_goes_on():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from models.grounding import FactCoverage, Unmentioned
 from models.llm import Message, build_messages, context_start
 
 
@@ -16,6 +17,7 @@ class LLMContext:
         self.context = conversational_context or ""
         self.history: list[Message] = []
         self._start = 0  # first history message in the LLM's window (see context_start)
+        self._coverage: tuple[str, FactCoverage] | None = None  # (the context it was built from, its stems)
 
     def append(self, text: str) -> None:
         """conversation.append_llm_context."""
@@ -47,6 +49,19 @@ class LLMContext:
         `heard`: how the user spoke, after the words."""
         return build_messages(self.system_prompt, self._context(), self._window() + [{"role": "user", "content": user_text}],
                               seen=seen, heard=heard, grounded=self.grounded, knowledge=knowledge)
+
+    def unmentioned(self, user_text: str, knowledge: str = "") -> Unmentioned:
+        """What of a question the facts (persona, context, the turn's passages) do not mention
+        (models.grounding: what a reply must not answer); nothing unless the context is grounded facts."""
+        context = self._context()
+        if not self.grounded or not context.strip():
+            return Unmentioned()
+        if self._coverage is None or self._coverage[0] != context:
+            self._coverage = (context, FactCoverage.of(f"{self.system_prompt}\n{context}"))
+        coverage = self._coverage[1]
+        if knowledge:
+            coverage = FactCoverage(coverage.stems | FactCoverage.of(knowledge).stems)
+        return coverage.unmentioned(user_text)
 
     def said(self) -> list[str]:
         """What the avatar has said in the conversation (replies do not end on a sentence said before)."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from models.avatar.animate import Animator, SpeechTrack
+from models.grounding import Unmentioned
 from models.llm import ReplyShaper
 from models.llm_stream import PromptStats, StreamEnd
 from models.tools import MAX_TOOL_ROUNDS, ToolCall
@@ -97,6 +98,7 @@ class Reply:
         self.llm_perception: str | None = None
         self.passages: TurnPassages | None = None  # what the knowledge base gave this reply (None: none asked)
         self.prompt: PromptStats | None = None  # how the LLM read the reply's first prompt, where it says
+        self.declined = False  # its answer was replaced by the decline sentence (ReplyShaper's grounding check)
         self.task: asyncio.Task | None = None
         self._user_logged = False
         self.guard = StageGuard(parts.health, self._on_outage)
@@ -176,15 +178,19 @@ class Reply:
         if self.parts.retrieve is not None:
             self.passages = await self.parts.retrieve(self.user_text)
             self.mark("retrieval")
-        messages = self.parts.context.messages(self.user_text, seen, heard, self.passages.block if self.passages else "")
+        knowledge = self.passages.block if self.passages else ""
+        messages = self.parts.context.messages(self.user_text, seen, heard, knowledge)
+        # What the grounded facts do not mention: a reply may not answer it (after a tool's result it may).
+        unmentioned = self.parts.context.unmentioned(self.user_text, knowledge)
         tools = self.parts.tools
         try:
             for round_ in range(MAX_TOOL_ROUNDS + 1):
-                calls, said = await self._generate(messages, out, tools.definitions if tools else None)
+                calls, said = await self._generate(messages, out, tools.definitions if tools else None,
+                                                   unmentioned if round_ == 0 else Unmentioned())
                 if tools is not None and not calls and not said and round_ == 0:
                     # A small model wrote something like a call that is none (no known tool, a made-up
                     # result): it is not spoken, and the LLM answers again without tools.
-                    await self._generate(messages, out, None)
+                    await self._generate(messages, out, None, unmentioned)
                     return
                 if not calls or tools is None:
                     return
@@ -198,12 +204,17 @@ class Reply:
         finally:
             await out.put(None)
 
-    async def _generate(self, messages: list[dict], out: asyncio.Queue,
-                        tools: list[dict] | None) -> tuple[list[ToolCall], bool]:
-        """One LLM call: its clauses onto `out`; returns the tool calls it made, and whether it said anything."""
+    async def _generate(self, messages: list[dict], out: asyncio.Queue, tools: list[dict] | None,
+                        unmentioned: Unmentioned = Unmentioned()) -> tuple[list[ToolCall], bool]:
+        """One LLM call: its clauses onto `out`; returns the tool calls it made, and whether it said anything.
+        `unmentioned`: what of the question the facts lack (ReplyShaper declines an answer to it)."""
         settings = self.parts.llm_settings
         earlier = self.parts.context.said()
-        shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
+
+        def new_shaper() -> ReplyShaper:
+            return ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier, unmentioned=unmentioned)
+
+        shaper = new_shaper()
         llm = self.parts.llm
         stream = self.guard.stream(llm, lambda: llm.options(stream=True).stream.remote(messages, settings.params,
                                                                                         settings.endpoint, tools))
@@ -215,7 +226,7 @@ class Reply:
                 if piece is RESTARTED:  # the LLM replica died: start over, unless some of it was said
                     if said:
                         break
-                    shaper = ReplyShaper(max_sentences=settings.max_sentences, said_before=earlier)
+                    shaper = new_shaper()
                     calls = []
                     self.prompt = None
                     continue
@@ -240,6 +251,7 @@ class Reply:
                 await out.put(clause.text)
             if shaper.emotion:
                 self.parts.animator.emotion = shaper.emotion
+            self.declined = self.declined or shaper.declined
         finally:
             await stream.aclose()
         return calls, said
@@ -324,6 +336,8 @@ class Reply:
                      if self.passages is not None else {})
             if self.prompt is not None:
                 extra["llm_prompt"] = self.prompt.as_dict()
+            if self.declined:
+                extra["declined"] = True
             if self.timings.listener_behind_ms is not None:
                 extra["listener_behind_ms"] = self.timings.listener_behind_ms
             if self.timings.decision is not None:
