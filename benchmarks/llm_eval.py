@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks import bike_shop, hotel
 from benchmarks.clinic import PERSONA, QUESTIONS, Question
+from benchmarks.local_app import cpu_llm_model
 from models.grounding import Unmentioned
 from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, split_sentences
 from serve_app.session.context import LLMContext
@@ -184,13 +185,6 @@ def _by_kind(answers: list[dict]) -> dict[str, float]:
     return {k: _mean([a for a in answers if a["kind"] == k], "right") for k in ("fact", "decline", "small_talk")}
 
 
-def cpu_default_model() -> str:
-    """The LLM configs/cpu.yaml runs."""
-    from benchmarks.local_app import cpu_profile_args
-
-    return cpu_profile_args()["llm"]["backend_args"]["model"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
@@ -210,7 +204,7 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.exists() else {}
     old.setdefault("models", {}).update(results)
     old["questions"] = len(QUESTIONS)
-    old["cpu_default"] = cpu_default_model()
+    old["cpu_default"] = cpu_llm_model()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(old, indent=2))
 

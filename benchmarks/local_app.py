@@ -27,6 +27,11 @@ def cpu_profile_args() -> dict:
     return cpu_profile_config()["applications"][0]["args"]
 
 
+def cpu_llm_model() -> str:
+    """The embedded LLM configs/cpu.yaml runs (models.assets.EMBEDDED_LLMS)."""
+    return cpu_profile_args()["llm"]["backend_args"]["model"]
+
+
 def deployment_options(name: str) -> dict:
     """The CPU profile's options for one deployment (for `Deployment.options(**...)` when a benchmark
     deploys it alone): the config file is the one place they are set."""

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.box import machine_record  # noqa: E402
 from benchmarks.clinic import PERSONA  # noqa: E402
-from benchmarks.local_app import cpu_profile_args  # noqa: E402
+from benchmarks.local_app import cpu_llm_model, start_local_app  # noqa: E402
 
 SILENT_RMS = 0.01  # -40 dBFS
 @dataclass(frozen=True)
@@ -334,8 +334,6 @@ def main() -> None:
     if a.url:
         url, key = a.url, a.api_key
     else:
-        from benchmarks.local_app import start_local_app
-
         key = "bench"
         llm = None
         if a.llm_model:
@@ -389,8 +387,7 @@ def main() -> None:
                                                                  "bargein_ms", "cut_ins", "stages_p50_ms", "stages_p95_ms",
                                                                  "llm_prompt_p50", "sessions_detail")},
                   "knowledge_adds_ms": {k: round(with_docs[k] - without[k], 1) for k in ("p50_ms", "p95_ms", "mean_ms")}}
-    llm_model = a.llm_model or cpu_profile_args()["llm"]["backend_args"]["model"]
-    result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": llm_model,
+    result = {"benchmark": "turn_latency", "profile": "cpu", "llm_model": a.llm_model or cpu_llm_model(),
               "knowledge_base": ({"document": "clinic handbook (benchmarks/clinic.py HANDBOOK)",
                                   "max_chars": a.knowledge_chars or 700,
                                   "late_passages": 1 if a.late_passages is None else a.late_passages}

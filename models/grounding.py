@@ -107,13 +107,10 @@ class FactCoverage:
         return s in self.stems or (len(s) >= 4 and any(f.startswith(s) or (len(f) >= 4 and s.startswith(f))
                                                        for f in self.stems))
 
-    def uncovered(self, text: str) -> list[str]:
-        """The words of `text` (as said, in order, once each) that are neither frame words nor in the
-        facts; [] for anything but a question: small talk and statements need no facts."""
-        return list(self.unmentioned(text).words)
-
     def unmentioned(self, text: str) -> Unmentioned:
-        """`uncovered` words, and whether the question's last content word is one of them."""
+        """The words of `text` (as said, in order, once each) that are neither frame words nor in the
+        facts, and whether its last content word is one of them; nothing for anything but a question:
+        small talk and statements need no facts."""
         if not self.stems or not is_question(text):
             return Unmentioned()
         out: list[str] = []

@@ -582,13 +582,13 @@ class ReplyShaper:
     information...").
 
     `unmentioned`: what of the question the grounded facts do not mention (models.grounding). A reply
-    that says yes to it, prices it or talks about it is replaced by `decline` if that is its first
-    clause, and ends before the clause otherwise.
+    that says yes to it, prices it or talks about it is replaced by the grounding rule's fallback
+    sentence (DECLINE) if that is its first clause, and ends before the clause otherwise.
     """
 
     def __init__(self, max_sentences: int = 2, min_comma_words: int = 5, max_chars: int = 240,
                  first_comma_words: int = 2, said_before: Iterable[str] = (), first_clause_words: int = 8,
-                 max_clause_words: int = 16, unmentioned: Unmentioned = Unmentioned(), decline: str = DECLINE) -> None:
+                 max_clause_words: int = 16, unmentioned: Unmentioned = Unmentioned()) -> None:
         self.first_comma_words = first_comma_words
         self.first_clause_words = first_clause_words
         self.max_clause_words = max_clause_words
@@ -596,8 +596,7 @@ class ReplyShaper:
         self.min_comma_words = min_comma_words
         self.max_chars = max_chars
         self.unmentioned = unmentioned
-        self.decline = decline
-        self.declined = False  # the reply was replaced by `decline`
+        self.declined = False  # the reply was replaced by the fallback (models.grounding.DECLINE)
         self._buf = ""
         self._sentences: list[str] = []
         earlier = [_normalized(x) for text in said_before for x in split_sentences(text)]
@@ -639,7 +638,7 @@ class ReplyShaper:
             if self._emitted:
                 return None
             self.declined = True
-            text = self.decline
+            text = DECLINE
         if self._loops(text):
             self.done = True
             return None

@@ -418,19 +418,13 @@ def test_a_grounded_reply_does_not_answer_what_the_facts_do_not_mention(reply, s
     """The clinic's facts never mention laser eye surgery: the reply's answer to it is never spoken."""
     persona = DEFAULT_PERSONA.model_copy(update={"context": "Open 8 to 6.\nDr. Ortiz does cleanings for 95 dollars."})
 
-    async def run():
-        models = Models(transcript="Do you do laser eye surgery?", reply=reply, clause_s=0.1)
-        s = make_session(models, persona=persona)
-        player = asyncio.ensure_future(play_audio(s))
+    async def speech(s):
         await speak(s.listener.feed, 0.5)
         await pause(s.listener.feed, 0.3)
-        await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
-        player.cancel()
-        await s.close()
-        return s, events(s)
 
-    s, evs = asyncio.run(run())
-    assert s.context.history[1]["content"] == spoken
+    models = Models(transcript="Do you do laser eye surgery?", reply=reply, clause_s=0.1)
+    evs = _one_turn(models, speech, document_ids=(), persona=persona)
+    assert [e["properties"]["speech"] for e in of_type(evs, Event.UTTERANCE)] == ["Do you do laser eye surgery?", spoken]
     assert of_type(evs, Event.TURN_TIMINGS)[0]["properties"].get("declined", False) is declined
 
 
@@ -705,11 +699,11 @@ async def _until(cond, step: float = 0.01) -> None:
         await asyncio.sleep(step)
 
 
-def _one_turn(models: Models, speech, **session_kw) -> list[dict]:
-    """A session with a document, through `speech(session)` (what the user says), until its one reply has
-    finished; returns its events."""
+def _one_turn(models: Models, speech, document_ids: tuple[str, ...] = ("d1",), **session_kw) -> list[dict]:
+    """A session (with a document unless told otherwise), through `speech(session)` (what the user says),
+    until its one reply has finished; returns its events."""
     async def run():
-        s = make_session(models, document_ids=["d1"], **session_kw)
+        s = make_session(models, document_ids=list(document_ids), **session_kw)
         player = asyncio.ensure_future(play_audio(s))
         await speech(s)
         await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
