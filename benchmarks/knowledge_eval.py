@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.knowledge_docs import QUESTIONS, KBQuestion, documents
+from benchmarks.local_app import cpu_llm_model
 from models.documents import chunk_text, extract_text, kind_of
 from models.embed import MiniLMEmbedder
 from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages, knowledge_block
@@ -87,7 +88,8 @@ def interim_lookups(index: VectorIndex, embedder: MiniLMEmbedder, sources: list[
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ap.add_argument("--models", nargs="+", default=list(dict.fromkeys([cpu_llm_model(), "smollm2-135m"])),
+                    help="embedded LLMs to answer with (default: the CPU profile's, then SmolLM2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "knowledge_eval.json"))
     a = ap.parse_args()
     embedder = MiniLMEmbedder(threads=1)
@@ -111,7 +113,8 @@ def main() -> None:
            "recall_at_1": round(float(np.mean(firsts)), 3),
            "retrieval_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2)},
            "misses": [q.text for q, h in zip(QUESTIONS, hits, strict=True) if not h],
-           "interim": {k: v for k, v in interim.items() if k != "blocks"}, "models": {}}
+           "interim": {k: v for k, v in interim.items() if k != "blocks"}, "cpu_default": cpu_llm_model(),
+           "models": {}}
     for name in a.models:
         llm = EmbeddedLlamaCpp(n_parallel=1, threads=1, model=name)
         llm.warmup()

@@ -190,7 +190,14 @@ class PresenceRTCClient:
             self.rx.rtp_origin = json.loads(message)["clock"]["rtp_origin"]
             return
         t, pose, speaking = read_pose_message(message)
-        self.rx.poses.append((time.monotonic(), t, float(pose.weights[0]), speaking))
+        poses = self.rx.poses
+        i = len(poses)
+        while i > 0 and poses[i - 1][1] > t:  # the channel is unordered: keep the poses by stamp
+            i -= 1
+        if i > 0 and poses[i - 1][1] == t:  # sent again with speech queued since: the newest wins
+            poses[i - 1] = (poses[i - 1][0], t, float(pose.weights[0]), speaking)
+        else:
+            poses.insert(i, (time.monotonic(), t, float(pose.weights[0]), speaking))
 
     def _on_message(self, message: str) -> None:
         ev = json.loads(message)

@@ -149,7 +149,8 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
                 if (s.type === 'inbound-rtp') stats.push({kind: s.kind, packets: s.packetsReceived}); });
             const p = window.presence;
             return {events: p.events, audio: p.audioLevels, cavity: p.mouthCavity, open: p.mouthOpen,
-                    probe: p.mouthProbe, fps: p.fps, head: p.head, sync: p.sync, error: p.error, id: p.conversationId, stats,
+                    probe: p.mouthProbe, fps: p.fps, head: p.head, sync: p.sync, originChanges: p.originChanges,
+                    error: p.error, id: p.conversationId, stats,
                     video: document.getElementById('avatar-canvas').width};
         }""")
         browser.close()
@@ -197,7 +198,7 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     mouth = [(t, jaw) for t, jaw, _ in window]
     offset_ms, r = lipsync_offset_ms([(t, lv) for t, _, lv in window], mouth)
     late = [x[3] for x in data["probe"] if t0 <= x[0] <= t1]
-    print("late pose share", np.mean(late) if late else None)
+    print("late pose share", np.mean(late) if late else None, "RTP origin changes", data["originChanges"])
     print("client-mode lip sync (ms, r): RTP audio level", (offset_ms, r), "AnalyserNode",
           lipsync_offset_ms([(t / 1000, v) for t, v in data["audio"] if t0 - 1000 <= t <= t1 + 1000], mouth),
           "fps", data["fps"])

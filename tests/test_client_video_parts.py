@@ -123,3 +123,54 @@ def test_a_client_mode_session_sends_poses_and_renders_nothing():
     assert 12 <= len(poses) <= 17  # 30 Hz
     ts = [t for t, _, _ in poses]
     assert np.allclose(np.diff(ts), 1 / 30, atol=1e-6)
+
+
+class SteppedClock(MediaClock):
+    """Media time set by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def test_poses_sent_ahead_are_sent_again_when_speech_is_queued_under_them():
+    """Speech starts ~30 ms after it is queued, poses go 120 ms ahead: the poses already sent for the new
+    speech's first syllable go again with the mouth open (and shut again when a barge-in holds it), and
+    the browser keeps the newest pose per stamp."""
+    from models.avatar.animate import Animator, SpeechTrack
+    from serve_app.session.avatar import AvatarFace
+    from serve_app.session.pose_stream import POSE_LEAD_S, PoseStream
+
+    clock, fake = SteppedClock(), FakeTransport()
+    face = AvatarFace(None, Animator(rng=np.random.default_rng(0)))
+    audio = type("Audio", (), {"rtp_origin": None})()
+    stream = PoseStream(face, clock, audio, fake)
+    jaw = CHANNELS.index("jaw_open")
+    track, resent = None, {}
+    for i in range(1, 91):
+        clock.t = i / 30
+        if i == 30:  # a reply is queued: it plays from now + 30 ms
+            track = SpeechTrack(clock.t + 0.03, [("a", 0.0, 0.5)], duration=0.5)
+            face.animator.speak(track)
+        if i == 40:  # the user talks over it
+            face.hold_speech()
+        if i == 50:  # the next reply, played to its end
+            face.release_speech(0.0, keep=False)
+            face.animator.speak(SpeechTrack(clock.t + 0.03, [("a", 0.0, 0.2)], duration=0.2))
+        stream.send(clock.t + POSE_LEAD_S)
+        resent[i] = stream.resent
+    first, last = {}, {}
+    for m in fake.sent:
+        t, pose, _ = read_pose_message(m)
+        first.setdefault(t, pose.weights[jaw])
+        last[t] = pose.weights[jaw]
+    assert resent[29] == 0 and resent[30] > 0 and len(last) == stream.sent == 90
+    assert resent[90] == resent[50]  # a clause ending (and dropped by the animator) changes nothing sent
+    start = [t for t in last if track.t0 + 0.01 <= t <= 29 / 30 + POSE_LEAD_S + 1e-9]  # sent before it
+    assert start and all(first[t] < 0.05 for t in start)  # sent shut before the reply was queued ...
+    assert all(last[t] > 0.2 for t in start)  # ... and again open: the first syllable is mouthed
+    held = [t for t in last if 40 / 30 - 0.05 <= t <= 39 / 30 + POSE_LEAD_S + 1e-9]
+    assert held and all(first[t] > 0.2 for t in held) and all(last[t] < 0.05 for t in held)

@@ -114,6 +114,7 @@ class SpeechTrack:
 # tolerate a picture early far better than late (ITU-R BT.1359: ~125 ms vs ~45 ms). Measured against
 # piper's audio level over eight sentences, 20 ms puts the best-correlating lag at -20..+20 ms.
 LIP_LEAD_S = 0.02
+TRACK_TAIL_S = 0.3  # a clause's track is kept this long after its audio ends (the mouth closes)
 
 
 def lip_weights(track: SpeechTrack, t: float, kernel_s: float = 0.045, lead_s: float = LIP_LEAD_S) -> np.ndarray:
@@ -186,8 +187,10 @@ class Animator:
         return any(tr.t0 - 0.05 <= t <= tr.t0 + tr.duration + 0.05 for tr in self.tracks)
 
     def pose(self, t: float) -> Pose:
+        # A pose asked again for an earlier time (client mode sends poses again when speech is queued
+        # under them) leaves the eased state where it was.
         dt = min(max(t - self._last_t, 0.0), 0.2)
-        self._last_t = t
+        self._last_t = max(self._last_t, t)
         p = Pose()
         # Emotion eases in and out over ~300 ms.
         target = np.zeros(len(CHANNELS), np.float32)
@@ -198,7 +201,7 @@ class Animator:
             target[_IDX[k]] = w * level
         self._emo += (target - self._emo) * (1 - np.exp(-dt / 0.3))
         p.weights[:] = self._emo
-        self.tracks = [tr for tr in self.tracks if t <= tr.t0 + tr.duration + 0.3]
+        self.tracks = [tr for tr in self.tracks if t <= tr.t0 + tr.duration + TRACK_TAIL_S]
         for tr in self.tracks:
             p.weights += lip_weights(tr, t)
         # Blinks every 2-6 s, ~150 ms each.

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 
+from models.avatar.animate import TRACK_TAIL_S, SpeechTrack
 from models.avatar.head import CHANNELS
 from models.avatar.render import Pose
 from serve_app.media import AUDIO_RATE, AvatarAudioTrack, MediaClock
@@ -19,6 +21,9 @@ POSE_HZ = 30.0
 # after that audio played ~19 % of the time on a loaded box (the data channel has no jitter buffer
 # to hide a late event loop), and the face then lagged the voice. The browser keeps poses by stamp.
 POSE_LEAD_S = 0.12
+# Poses already sent for audio the browser may not have played yet (its jitter buffer holds ~20-100 ms):
+# sent again with the new speech when the speech changes under them.
+RESEND_BEHIND_S = 0.1
 # little-endian: f64 media time, f32 yaw pitch roll speaking, f32 per rig channel (CHANNELS order)
 POSE_FORMAT = struct.Struct(f"<d4f{len(CHANNELS)}f")
 
@@ -51,7 +56,10 @@ class PoseStream:
         self.transport = transport
         self.hz = hz
         self.sent = 0
+        self.resent = 0
         self._origin_sent: int | None = None
+        self._stamps: deque[float] = deque(maxlen=int(hz * (POSE_LEAD_S + RESEND_BEHIND_S)) + 2)
+        self._speech: dict[tuple[int, float], SpeechTrack] = {}
 
     async def run(self) -> None:
         index = int(self.clock.now() * self.hz) + 1
@@ -71,6 +79,26 @@ class PoseStream:
         if origin is not None and (origin != self._origin_sent or self.sent % 15 == 0) \
                 and self.transport.send_avatar(clock_message(origin)):
             self._origin_sent = origin
-        pose = self.face.pose(t)
-        if self.transport.send_avatar(pose_message(t, pose, self.face.animator.is_speaking(t))):
+        # Speech starts ~30 ms after it is queued (SpeechPlayout.lead_s) but poses go POSE_LEAD_S ahead, so
+        # the poses for a new reply's first syllable (or for audio paused or shifted by a barge-in) were
+        # already sent without it: the browser would show the mouth shut there. Send them again; the
+        # browser keeps the newest pose per stamp.
+        if self._speech_changed():
+            behind = self.clock.now() - RESEND_BEHIND_S
+            for stamp in [s for s in self._stamps if s >= behind]:
+                if self._send_pose(stamp):
+                    self.resent += 1
+        if self._send_pose(t):
             self.sent += 1
+            self._stamps.append(t)
+
+    def _speech_changed(self) -> bool:
+        """Speech was queued or moved, or taken away before it was over (a hold, a flush): the animator's
+        own dropping of a track once the newest pose is past it changes nothing sent."""
+        old, self._speech = self._speech, {(id(tr), tr.t0): tr for tr in self.face.animator.tracks}
+        newest = self._stamps[-1] if self._stamps else float("-inf")
+        return any(key not in old for key in self._speech) or any(
+            key not in self._speech and tr.t0 + tr.duration + TRACK_TAIL_S >= newest for key, tr in old.items())
+
+    def _send_pose(self, t: float) -> bool:
+        return self.transport.send_avatar(pose_message(t, self.face.pose(t), self.face.animator.is_speaking(t)))

@@ -59,15 +59,23 @@ export class PoseTimeline {
     this.receiver = null; // the avatar audio's RTCRtpReceiver
     this.sync = "none";
     this.late = false;
+    this.originChanges = 0; // the session's audio skipped ahead (a stalled event loop) and remapped RTP time
   }
   onMessage(data) {
-    if (typeof data === "string") { this.clock = JSON.parse(data).clock; return; }
+    if (typeof data === "string") {
+      const clock = JSON.parse(data).clock;
+      if (this.clock && clock.rtp_origin !== this.clock.rtp_origin) this.originChanges++;
+      this.clock = clock;
+      return;
+    }
     const p = readPose(data, this.channels);
     p.arrived = performance.now();
     const a = this.poses;
     let i = a.length;
     while (i > 0 && a[i - 1].t > p.t) i--; // the channel is unordered
-    a.splice(i, 0, p);
+    // A stamp sent again carries speech queued after it was first sent (pose_stream.py): it replaces it.
+    if (i > 0 && a[i - 1].t === p.t) a[i - 1] = p;
+    else a.splice(i, 0, p);
     while (a.length > 2 && a[a.length - 1].t - a[0].t > 4) a.shift();
   }
   /** Media time of the audio sample being played out now, or null before audio and clock are known. */

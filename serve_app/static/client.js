@@ -107,6 +107,7 @@ async function showClientAvatar(props) {
         if (state.mouthCavity.length > 20000) state.mouthCavity.shift();
       });
       state.sync = timeline.sync;
+      state.originChanges = timeline.originChanges;
       state.mouthOpen.push([performance.now(), pose.w[jaw], pose.t]);
       if (state.mouthOpen.length > 20000) state.mouthOpen.shift();
       frames++;
