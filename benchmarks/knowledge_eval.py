@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,13 @@ def right(reply: str, q: KBQuestion) -> bool:
 async def answer(llm: EmbeddedLlamaCpp, question: str, block: str) -> str:
     shaper, text = ReplyShaper(), []
     messages = build_messages(SYSTEM, "", [{"role": "user", "content": question}], knowledge=block)
-    async for piece in llm.stream(messages, GenerationParams()):
-        if isinstance(piece, StreamEnd):
-            break
-        text += [c.text for c in shaper.feed(piece)]
-        if shaper.done:
-            break
+    async with aclosing(llm.stream(messages, GenerationParams())) as stream:  # closed here when cut short
+        async for piece in stream:
+            if isinstance(piece, StreamEnd):
+                break
+            text += [c.text for c in shaper.feed(piece)]
+            if shaper.done:
+                break
     return " ".join(text + [c.text for c in shaper.flush()])
 
 

@@ -27,6 +27,7 @@ import asyncio
 import json
 import re
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import numpy as np
@@ -91,16 +92,17 @@ async def reply_to(llm: EmbeddedLlamaCpp, messages: list[dict], params: Generati
     t0 = time.perf_counter()
     first, pieces, cut = None, 0, False
     clauses: list[str] = []
-    async for piece in llm.stream(messages, params):
-        if isinstance(piece, StreamEnd):
-            cut = piece.finish_reason == "length"
-            break
-        first = first or time.perf_counter()
-        pieces += 1
-        clauses += [c.text for c in shaper.feed(piece)]
-        if shaper.done:
-            break
-    end = time.perf_counter()
+    async with aclosing(llm.stream(messages, params)) as stream:  # closed here when cut short
+        async for piece in stream:
+            if isinstance(piece, StreamEnd):
+                cut = piece.finish_reason == "length"
+                break
+            first = first or time.perf_counter()
+            pieces += 1
+            clauses += [c.text for c in shaper.feed(piece)]
+            if shaper.done:
+                break
+        end = time.perf_counter()
     clauses += [c.text for c in shaper.flush(cut=cut)]
     return {"text": " ".join(clauses), "declined": shaper.declined, "ttft_ms": round(((first or end) - t0) * 1000, 1),
             "tokens_per_s": round((pieces - 1) / (end - first), 1) if first and pieces > 1 and end > first else None}
