@@ -4,8 +4,10 @@ while the reply plays."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 import wave
 from pathlib import Path
 
@@ -17,6 +19,49 @@ from benchmarks.rtc_client import speech_pcm48k
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.browser
+
+
+GPU_NICENESS = 15
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(16):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+    return False
+
+
+@contextlib.contextmanager
+def software_gl_niced(niceness: int = GPU_NICENESS):
+    """While inside, every thread of the GPU process (SwiftShader's WebGL) of a Chromium this process
+    started runs at `niceness`: checked every 0.2 s, as the process and its rasterizer threads start late."""
+    stop, me, reniced = threading.Event(), os.getpid(), set()
+
+    def renice() -> None:
+        while not stop.wait(0.2):
+            for proc in Path("/proc").iterdir():
+                try:
+                    if b"--type=gpu-process" not in (proc / "cmdline").read_bytes() or \
+                            not _descends_from(int(proc.name), me):
+                        continue
+                    for task in (proc / "task").iterdir():
+                        if os.getpriority(os.PRIO_PROCESS, int(task.name)) < niceness:
+                            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+                            reniced.add(int(task.name))
+                except (OSError, ValueError):  # not a process, gone meanwhile, or not ours
+                    continue
+
+    watcher = threading.Thread(target=renice, daemon=True)
+    watcher.start()
+    try:
+        yield reniced
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def write_wav(path, pcm: np.ndarray, rate: int = 48000) -> None:
@@ -112,14 +157,14 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}%noloop", f"--use-file-for-fake-video-capture={y4m}",
             "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
-    # The browser stands for the user's own machine: at a lower priority here, so software WebGL (which
-    # takes every core it can get) does not starve the server's real-time audio on this 2-core box.
-    nice_chromium = tmp_path / "chromium"
-    nice_chromium.write_text(f'#!/bin/sh\nexec nice -n 10 {CHROMIUM} "$@"\n')
-    nice_chromium.chmod(0o755)
+    # The browser stands for the user's own machine, which does not share the server's 2 cores. Here it
+    # does: software WebGL (the GPU process, which takes every core it can get) runs at a low priority so
+    # it does not starve the server's real-time audio, while the page and its audio output keep the
+    # server's priority (niced with them, the page's audio was played out in bursts of up to a second under
+    # load and the audio position it reads was meaningless).
     shots = Path(os.environ.get("PRESENCE_SCREENSHOTS", tmp_path))  # benchmarks/results/ for the committed ones
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(nice_chromium), headless=True, args=args)
+    with sync_playwright() as p, software_gl_niced() as gpu_threads:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         page = browser.new_page(viewport={"width": 900, "height": 800})
         page.goto(f"{presence}/#key={api_key}&autostart=1&video=client")
         page.wait_for_function("() => window.presence.head || window.presence.error", timeout=60_000)
@@ -150,6 +195,7 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
             const p = window.presence;
             return {events: p.events, audio: p.audioLevels, cavity: p.mouthCavity, open: p.mouthOpen,
                     probe: p.mouthProbe, fps: p.fps, head: p.head, sync: p.sync, originChanges: p.originChanges,
+                    slack: p.poseSlack,
                     error: p.error, id: p.conversationId, stats,
                     video: document.getElementById('avatar-canvas').width};
         }""")
@@ -158,7 +204,7 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     assert data["error"] is None and data["head"]["count"] > 10000 and data["sync"] == "rtp"
     assert data["video"] >= 500  # drawn at the canvas's own resolution (512 CSS px)
     assert not [s for s in data["stats"] if s["kind"] == "video" and s["packets"]]  # no video RTP came in
-    print("client-mode fps", data["fps"], "head", data["head"])
+    print("client-mode fps", data["fps"], "head", data["head"], "GPU-process threads niced", len(gpu_threads))
     assert data["fps"] > 0
     users = [e for e in data["events"] if e["event_type"] == "conversation.utterance" and e["properties"]["role"] == "user"]
     assert users and "france" in users[0]["properties"]["speech"].lower()
@@ -198,7 +244,13 @@ def test_browser_client_rendered_avatar(idle, presence, api_key, tts, tmp_path):
     mouth = [(t, jaw) for t, jaw, _ in window]
     offset_ms, r = lipsync_offset_ms([(t, lv) for t, _, lv in window], mouth)
     late = [x[3] for x in data["probe"] if t0 <= x[0] <= t1]
-    print("late pose share", np.mean(late) if late else None, "RTP origin changes", data["originChanges"])
+    age = [x[4] for x in data["probe"] if t0 <= x[0] <= t1 and x[4] is not None]
+    slack = [s for t, s in data["slack"] if t0 <= t <= t1]
+    # Why a failure failed: poses that came after their audio, a moved RTP mapping, or a starved audio output
+    # (its position reported seldom: the page then shows the face for audio it only guesses is playing).
+    print("late pose share", np.mean(late) if late else None, "RTP origin changes", data["originChanges"],
+          "pose slack at arrival (ms) p1/p5/p50", (np.percentile(slack, [1, 5, 50]) * 1000).round() if slack else None,
+          "audio position age (ms) p50/p90", np.percentile(age, [50, 90]).round() if age else None)
     print("client-mode lip sync (ms, r): RTP audio level", (offset_ms, r), "AnalyserNode",
           lipsync_offset_ms([(t / 1000, v) for t, v in data["audio"] if t0 - 1000 <= t <= t1 + 1000], mouth),
           "fps", data["fps"])

@@ -60,6 +60,11 @@ export class PoseTimeline {
     this.sync = "none";
     this.late = false;
     this.originChanges = 0; // the session's audio skipped ahead (a stalled event loop) and remapped RTP time
+    // Per pose received: [arrival (ms), how far ahead of the audio playing then its stamp was (s)]. A pose
+    // whose slack is below zero came too late to be shown with its audio.
+    this.slack = [];
+    // ms since the audio played last reported its position (a starved audio output reports it in bursts)
+    this.audioAge = null;
   }
   onMessage(data) {
     if (typeof data === "string") {
@@ -70,6 +75,11 @@ export class PoseTimeline {
     }
     const p = readPose(data, this.channels);
     p.arrived = performance.now();
+    const playing = this.playoutTime();
+    if (playing !== null) {
+      this.slack.push([p.arrived, p.t - playing]);
+      if (this.slack.length > 20000) this.slack.shift();
+    }
     const a = this.poses;
     let i = a.length;
     while (i > 0 && a[i - 1].t > p.t) i--; // the channel is unordered
@@ -87,7 +97,8 @@ export class PoseTimeline {
     // Chrome stamps sources on the epoch clock, the spec on performance.now()'s: accept both.
     const at = s.timestamp > 1e11 ? s.timestamp - performance.timeOrigin : s.timestamp;
     const rel = ((s.rtpTimestamp - this.clock.rtp_origin) >>> 0) / this.clock.rate;
-    return rel + Math.max(0, performance.now() - at) / 1000;
+    this.audioAge = Math.max(0, performance.now() - at);
+    return rel + this.audioAge / 1000;
   }
   /** The pose to show now: interpolated at the audio's playout time (arrival time only as a fallback). */
   current() {

@@ -82,6 +82,7 @@ async function showClientAvatar(props) {
   timeline.channels = head.header.channels.length;
   const renderer = new SplatRenderer(canvas, head);
   const jaw = renderer.channelIndex.jaw_open;
+  state.poseSlack = timeline.slack;
   state.head = { count: head.header.count, bytes: buf.byteLength, cached, load_ms: performance.now() - t0 };
   // At 100 Hz, apart from drawing (software WebGL may draw only a few frames a second): the jaw the face
   // shows now, and the level of the audio being played out now (the RTP audio-level of the packet at
@@ -91,7 +92,7 @@ async function showClientAvatar(props) {
     const pose = timeline.current();
     const src = timeline.receiver ? timeline.receiver.getSynchronizationSources()[0] : null;
     if (pose) state.mouthProbe.push([performance.now(), pose.w[jaw], src && src.audioLevel !== undefined ? src.audioLevel : -1,
-                                     timeline.late ? 1 : 0]);
+                                     timeline.late ? 1 : 0, timeline.audioAge]);
     if (state.mouthProbe.length > 30000) state.mouthProbe.shift();
   }, 10);
   let last = performance.now(), frames = 0;
