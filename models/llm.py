@@ -748,7 +748,7 @@ def grounded_system(system_prompt: str, context: str, grounded: bool = True) -> 
 
 
 _SEEN_OPEN, _NOTE_CLOSE = "(Seen on camera: ", ")\n\n"  # how the user looks: the start of their message
-_HEARD_NOTE = "\n\n(As they spoke: "  # how they said it: after their words
+_HEARD_NOTE = "\n\n(Their voice: "  # how they said it (prosody.brief): after their words
 _PASSAGES_OPEN, _PASSAGES_CLOSE = "(From the documents:\n", ")\n\n"  # passages are one line each
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.audio import resample
-from models.perception.prosody import Prosody, analyse, describe
+from models.perception.prosody import Prosody, analyse, brief, describe
 
 SENTENCE = "I went to the market yesterday and bought some apples and pears."
 
@@ -52,13 +52,18 @@ def test_prosody_orders_rate_pitch_and_energy(voice):
     assert describe(slow_quiet) == "The user spoke slowly and quietly in a flat, monotone voice."
     assert describe(fast_loud) == ("The user spoke quickly and loudly with a lively, varied pitch, "
                                    "and their pitch rose at the end.")
+    # The LLM reads the same in a few words (after the user's words, while the reply waits); an even,
+    # unremarkable voice gets no note at all.
+    assert brief(slow_quiet) == "slow, quiet, monotone"
+    assert brief(fast_loud) == "fast, loud, lively, rising at the end"
+    assert brief(Prosody(2.0, 120.0, 6.0, 0.0, -24.0, 5.5, 0, 0.1, 0)) == ""
 
 
 def test_hesitation_and_silence(voice):
     gap = np.zeros(12000, np.float32)
     halting = np.concatenate([voice("Well, um,"), gap, voice("I think, uh,"), gap, voice("maybe.")])
     p = analyse(halting, "Well, um, I think, uh, maybe.")
-    assert p.pauses >= 2 and p.fillers == 2 and "hesitant" in describe(p)
+    assert p.pauses >= 2 and p.fillers == 2 and "hesitant" in describe(p) and "hesitant" in brief(p)
     assert "too short or too quiet" in describe(analyse(np.zeros(8000, np.float32)))
 
 
@@ -75,3 +80,5 @@ def test_voice_trend_across_the_call():
     assert trend.describe_change(rushed) == "They spoke faster and louder and at a higher pitch than earlier in the call."
     assert trend.describe_change(Prosody(2.0, 118.0, 6.0, 0.0, -33.0, 4.0, 0, 0.2, 0)) == (
         "They spoke slower and more quietly than earlier in the call.")
+    assert trend.brief_change(rushed) == "faster and louder and at a higher pitch than before"
+    assert trend.brief_change(usual) == ""

@@ -295,7 +295,7 @@ def test_the_users_look_is_prefilled_while_they_speak_and_opens_the_reply_prompt
     async def run():
         s = make_session(models)
         s.perceiver.llm_seen = lambda: looks["now"]
-        s.reply_parts.heard_text = lambda: "They spoke quickly."
+        s.reply_parts.heard_text = lambda: "fast"
         player = asyncio.ensure_future(play_audio(s))
         s.prefill.request()
         await asyncio.wait_for(_until(lambda: len(models.prefills) == 1), 2)
@@ -307,7 +307,7 @@ def test_the_users_look_is_prefilled_while_they_speak_and_opens_the_reply_prompt
         await pause(s.listener.feed, 0.3)
         await asyncio.wait_for(_until(lambda: len(s.context.history) == 2 and s.reply is None), 5)
         prompt = models.prompts[0][-1]["content"]
-        heard = "\n\n(As they spoke: They spoke quickly.)"
+        heard = "\n\n(Their voice: fast)"
         assert prompt == seen_lead("The user looks sad, looking at you.") + "What time do you open?" + heard
         assert len(models.prefills) >= prefilled and s.context.history[0]["content"] == "What time do you open?"
         # After the reply, the look now opens the next message's prefill.

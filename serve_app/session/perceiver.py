@@ -26,6 +26,7 @@ from models.perception.frames import decode_frame, wire_size
 from models.perception.fusion import PerceptionState, SessionPerception, VisualTrack, fuse
 from models.perception.prosody import Prosody, ProsodyTrend, count_fillers
 from models.perception.prosody import analyse as analyse_prosody
+from models.perception.prosody import brief as brief_prosody
 from models.perception.prosody import describe as describe_prosody
 from models.perception.prosody import remarkable as remarkable_voice
 from models.perception.sentiment import Sentiment, sentiment
@@ -65,7 +66,8 @@ class Perceiver:
         self.log = SessionPerception()
         self.voice_trend = ProsodyTrend()
         self._voice: Prosody | None = None
-        self._voice_text: str | None = None
+        self._voice_text: str | None = None  # the sentence (events, the perception description)
+        self._voice_brief = ""  # the same in a few words, for the LLM (read while the reply waits)
         self._voice_notable = False  # the last utterance's voice was worth remarking on
         self._words: Sentiment | None = None
         self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=3)  # recent analysed frames (I420)
@@ -131,6 +133,7 @@ class Perceiver:
             return
         voice.fillers = count_fillers(text)
         change = self.voice_trend.describe_change(voice)
+        self._voice_brief = "; ".join(x for x in (brief_prosody(voice), self.voice_trend.brief_change(voice)) if x)
         self.voice_trend.add(voice)
         self._voice, self._voice_text = voice, " ".join(x for x in (describe_prosody(voice), change) if x)
         self._voice_notable = remarkable_voice(voice) or bool(change)
@@ -172,15 +175,15 @@ class Perceiver:
         return state.visual
 
     def llm_heard(self) -> str | None:
-        """What the LLM is told about how the user just spoke, after their words: the voice, when it was
-        remarkable, and words that disagree with the face or voice. It needs the utterance itself, so it
-        is prompt the reply reads (~10 ms a token for the CPU profile's model): only when there is
-        something to say."""
+        """What the LLM is told about how the user just spoke, after their words: the voice in a few words
+        (`prosody.brief`), when it was remarkable, and words that disagree with the face or voice. It needs
+        the utterance itself, so it is prompt the reply reads (~13-27 ms a token for the CPU profile's
+        model): only when there is something to say, and briefly."""
         state = self.state
         if not self.in_llm:
             return None
-        parts = [self._voice_text if self._voice_notable else None, state.incongruence if state is not None else None]
-        return " ".join(p for p in parts if p) or None
+        parts = [self._voice_brief if self._voice_notable else None, state.incongruence if state is not None else None]
+        return ". ".join(p for p in parts if p) or None
 
     def utterance_fields(self, voice: Prosody | None) -> dict:
         """The perception fields of a user utterance event."""
