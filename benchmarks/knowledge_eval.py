@@ -23,16 +23,16 @@ import argparse
 import asyncio
 import json
 import time
-from contextlib import aclosing
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.knowledge_docs import QUESTIONS, KBQuestion, documents
+from benchmarks.llm_eval import reply_to
 from benchmarks.local_app import cpu_llm_model
 from models.documents import chunk_text, extract_text, kind_of
 from models.embed import MiniLMEmbedder
-from models.llm import EmbeddedLlamaCpp, GenerationParams, ReplyShaper, StreamEnd, build_messages, knowledge_block
+from models.llm import EmbeddedLlamaCpp, GenerationParams, build_messages, knowledge_block
 from models.vector_index import VectorIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,16 +46,9 @@ def right(reply: str, q: KBQuestion) -> bool:
 
 
 async def answer(llm: EmbeddedLlamaCpp, question: str, block: str) -> str:
-    shaper, text = ReplyShaper(), []
+    """The reply a session would speak (llm_eval.reply_to: ReplyShaper, an unfinished last clause dropped)."""
     messages = build_messages(SYSTEM, "", [{"role": "user", "content": question}], knowledge=block)
-    async with aclosing(llm.stream(messages, GenerationParams())) as stream:  # closed here when cut short
-        async for piece in stream:
-            if isinstance(piece, StreamEnd):
-                break
-            text += [c.text for c in shaper.feed(piece)]
-            if shaper.done:
-                break
-    return " ".join(text + [c.text for c in shaper.flush()])
+    return (await reply_to(llm, messages, GenerationParams()))["text"]
 
 
 def interim_lookups(index: VectorIndex, embedder: MiniLMEmbedder, sources: list[str]) -> dict:
