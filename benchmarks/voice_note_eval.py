@@ -62,10 +62,10 @@ async def evaluate(name: str, repeats: int) -> dict:
                 voice = VOICES[i % len(VOICES)] if variant != "none" else None
                 ctx = LLMContext(PERSONA["system_prompt"], PERSONA["context"])
                 await llm.prefill(ctx.prefix())  # as a session has it: only the user's message is read
-                r = await reply_to(llm, _messages(ctx, q.text, voice, variant), params,
-                                   unmentioned=ctx.unmentioned(q.text))
-                answers.append({"question": q.text, "kind": q.kind, "note": _messages(ctx, q.text, voice, variant)[-1]
-                                ["content"][len(q.text):], **r, **score(q, r["text"], PERSONA),
+                messages = _messages(ctx, q.text, voice, variant)
+                r = await reply_to(llm, messages, params, unmentioned=ctx.unmentioned(q.text))
+                answers.append({"question": q.text, "kind": q.kind, "note": messages[-1]["content"][len(q.text):],
+                                **r, **score(q, r["text"], PERSONA),
                                 "about_voice": bool(ABOUT_VOICE.search(r["text"])) and voice is not None})
             out[variant] = {
                 "accuracy": round(float(np.mean([a["right"] for a in answers])), 3),

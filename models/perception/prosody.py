@@ -121,35 +121,32 @@ def analyse(audio16k: np.ndarray, transcript: str = "") -> Prosody:
 
 
 _EVEN_PACE = "at an even pace"
+# Each trait as `brief` names it (the LLM's note) and as `describe` says it (events, the description).
+_PHRASES = {"fast": "quickly", "slow": "slowly", "loud": "loudly", "quiet": "quietly",
+            "lively": "with a lively, varied pitch", "monotone": "in a flat, monotone voice",
+            "rising at the end": ", and their pitch rose at the end", "long pauses": " with long pauses",
+            "hesitant": ", and sounded hesitant"}
 
 
-def _traits(p: Prosody) -> tuple[str, str, str, str, str, str]:
+def _trait_words(p: Prosody) -> tuple[str, str, str, str, str, str]:
     """What a listener hears in the voice: rate, level, melody, a rising end, pauses, hesitation ("" where
-    nothing stands out; the rate is always said)."""
-    rate = "quickly" if p.syllables_per_s > 6.5 else "slowly" if p.syllables_per_s < 4.8 else _EVEN_PACE
-    level = "loudly" if p.energy_db > -14 else "quietly" if p.energy_db < -36 else ""
-    melody = ("with a lively, varied pitch" if p.pitch_range_st > 11 else
-              "in a flat, monotone voice" if p.pitch_range_st < 4 else "")
-    ending = ", and their pitch rose at the end" if p.pitch_slope_st > 2.0 else ""
-    pauses = " with long pauses" if p.pause_ratio > 0.3 or p.pauses >= 3 else ""
-    hesitant = ", and sounded hesitant" if p.fillers >= 2 or (p.pauses >= 2 and p.syllables_per_s < 4.8) else ""
+    nothing stands out)."""
+    rate = "fast" if p.syllables_per_s > 6.5 else "slow" if p.syllables_per_s < 4.8 else ""
+    level = "loud" if p.energy_db > -14 else "quiet" if p.energy_db < -36 else ""
+    melody = "lively" if p.pitch_range_st > 11 else "monotone" if p.pitch_range_st < 4 else ""
+    ending = "rising at the end" if p.pitch_slope_st > 2.0 else ""
+    pauses = "long pauses" if p.pause_ratio > 0.3 or p.pauses >= 3 else ""
+    hesitant = "hesitant" if p.fillers >= 2 or (p.pauses >= 2 and p.syllables_per_s < 4.8) else ""
     return rate, level, melody, ending, pauses, hesitant
 
 
 def describe(p: Prosody) -> str:
-    """One sentence for the LLM context and the utterance event."""
+    """One sentence for the utterance event and the perception description (the rate is always said)."""
     if p.voiced_s < 0.2:
         return "The user's voice was too short or too quiet to read."
-    rate, level, melody, ending, pauses, hesitant = _traits(p)
-    parts = " and ".join(x for x in (rate, level) if x) + (" " + melody if melody else "")
+    rate, level, melody, ending, pauses, hesitant = (_PHRASES[w] if w else "" for w in _trait_words(p))
+    parts = " and ".join(x for x in (rate or _EVEN_PACE, level) if x) + (" " + melody if melody else "")
     return f"The user spoke {parts}{pauses}{ending}{hesitant}."
-
-
-# The same traits in a word or two each, for the LLM's prompt (`brief`).
-_BRIEF = {"quickly": "fast", "slowly": "slow", "loudly": "loud", "quietly": "quiet",
-          "with a lively, varied pitch": "lively", "in a flat, monotone voice": "monotone",
-          ", and their pitch rose at the end": "rising at the end", " with long pauses": "long pauses",
-          ", and sounded hesitant": "hesitant"}
 
 
 def brief(p: Prosody) -> str:
@@ -157,18 +154,15 @@ def brief(p: Prosody) -> str:
     says nothing `remarkable`). The note is prompt a reply reads after the user's words, at ~13-27 ms a
     token on the CPU profile's model: 44 characters instead of the sentence's 94 on average
     (benchmarks/results/voice_note_eval.json), ~10 fewer tokens a turn in the realistic benchmark."""
-    if not remarkable(p):
+    if p.voiced_s < 0.2:
         return ""
-    return ", ".join(_BRIEF[x] for x in _traits(p) if x and x != _EVEN_PACE)
+    return ", ".join(w for w in _trait_words(p) if w)
 
 
 def remarkable(p: Prosody) -> bool:
     """True when `describe` says more than "The user spoke at an even pace." (fast or slow, loud or
     quiet, lively or flat, a rising end, long pauses, hesitant): something a listener would notice."""
-    if p.voiced_s < 0.2:
-        return False
-    rate, *rest = _traits(p)
-    return rate != _EVEN_PACE or any(rest)
+    return p.voiced_s >= 0.2 and any(_trait_words(p))
 
 
 @dataclass
